@@ -1,0 +1,175 @@
+"""Shared configuration schema for every MM-FM run (big_vision style: configs are code).
+
+`get_base_config(source, mode_conditional, preset)` returns the full ConfigDict; the three
+experiment files only choose the source and the conditioning. Every number a run depends
+on lives here and is written to `<workdir>/config.json`.
+"""
+
+import ml_collections
+
+PRESETS = ("demo", "imagenet256_xl", "imagenet256_s")
+
+# DiTDH sizes (REFERENCE.md c.5). The head is shared by every size.
+MODEL_SIZES = {
+    "S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
+    "B": dict(hidden_size=(768, 2048), depth=(12, 2), num_heads=(12, 16)),
+    "L": dict(hidden_size=(1024, 2048), depth=(24, 2), num_heads=(16, 16)),
+    "XL": dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16)),
+}
+
+
+def _model(size: str, input_size: int, in_channels: int, num_classes: int):
+    m = ml_collections.ConfigDict()
+    m.size = size
+    m.hidden_size = MODEL_SIZES[size]["hidden_size"] if size in MODEL_SIZES else (64, 96)
+    m.depth = MODEL_SIZES[size]["depth"] if size in MODEL_SIZES else (2, 1)
+    m.num_heads = MODEL_SIZES[size]["num_heads"] if size in MODEL_SIZES else (2, 2)
+    m.input_size = input_size
+    m.in_channels = in_channels
+    m.mlp_ratio = 4.0
+    m.num_classes = num_classes  # modes for mode-conditional models; null label = num_classes
+    m.class_dropout_prob = 0.1  # > 0 adds the null row to the label table
+    m.compute_dtype = "bfloat16"  # parameters stay float32
+    m.remat = False
+    m.attention_impl = "xla"  # jax.nn.dot_product_attention implementation ("cudnn" on GPU)
+    return m
+
+
+def get_base_config(source: str, mode_conditional: bool, preset: str | None):
+    preset = preset or "demo"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    c.source = source  # "gmm" (MM-FM) or "gaussian" (baseline)
+    c.mode_conditional = mode_conditional  # mode index through the label table
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+
+    # ---- data ---------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "imagefolder"  # digits | imagefolder | arrayrecord | latent_cache
+    c.data.path = ""  # ImageNet train split (ImageFolder root or packed file pattern)
+    c.data.image_size = 256
+    c.data.num_workers = 8
+    c.data.prefetch = 2
+    c.data.random_flip = True
+    c.data.latent_cache = ""  # optional precomputed latents + CLS tokens of both flips
+
+    # ---- stage 1 (frozen RAE) ------------------------------------------------------
+    c.rae = ml_collections.ConfigDict()
+    c.rae.kind = "dinov2"  # dinov2 (converted RAE directory) | identity (demo, pixel space)
+    c.rae.path = ""  # directory written by `python -m convert rae`
+    c.rae.compute_dtype = "bfloat16"
+
+    # ---- GMM source -----------------------------------------------------------------
+    c.gmm = ml_collections.ConfigDict()
+    c.gmm.path = ""  # existing mixtures (`python -m convert gmm` output); empty: <workdir>/gmm
+    c.gmm.num_components = 8192
+    c.gmm.max_iter = 100
+    c.gmm.tol = 1e-3
+    c.gmm.reg_covar = 1e-6
+    c.gmm.init = "k-means++"
+    c.gmm.seed = 42
+    c.gmm.assignment = "soft"  # soft (sample the posterior) | hard (argmax)
+    c.gmm.chunk_size = 65536  # rows per streamed EM chunk
+    c.gmm.encode_batch_size = 256
+    c.gmm.flip = True  # spatial pass also uses the horizontally flipped latent
+
+    # ---- model ----------------------------------------------------------------------
+    c.model = _model("XL", input_size=16, in_channels=768, num_classes=8192)
+
+    # ---- training ---------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 1024  # global
+    c.train.num_steps = 100_000
+    c.train.lr = 2e-4
+    c.train.lr_end = 2e-5
+    c.train.lr_decay_start = 50_040  # 40 epochs at 1251 steps/epoch: flat, then linear
+    c.train.lr_decay_end = 1_000_800  # 800 epochs
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9995
+    c.train.time_dist = "logit-normal"  # logit-normal | uniform
+    c.train.time_mu = 0.0
+    c.train.time_sigma = 1.0
+    c.train.time_shift = -1.0  # -1: sqrt(H*W*C/4096)
+    c.train.label_dropout = 0.1
+    c.train.grad_accum = 1
+    c.train.log_every = 100
+    c.train.ckpt_every = 5000
+    c.train.ckpt_keep = 3  # most recent checkpoints kept
+    c.train.ckpt_keep_period = 25_000  # and every M-th step forever
+    c.train.sample_every = 5000  # PNG grid from the EMA model
+    c.train.peak_tflops = -1.0  # per device for MFU; -1: look up the device kind
+
+    # ---- sampling -----------------------------------------------------------------------
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_samples = 50_000
+    c.sample.batch_size = 256  # global
+    c.sample.num_steps = 50  # grid points (num_steps - 1 Euler evaluations)
+    c.sample.guidance = "none"  # none | autoguidance | cfg
+    c.sample.guidance_scale = 1.5
+    c.sample.guidance_interval = (0.0, 1.0)
+    c.sample.guide_path = ""  # converted DiTDH-S guide directory (autoguidance)
+    c.sample.model_path = ""  # converted model directory; empty: EMA of the latest checkpoint
+    c.sample.compute_dtype = "float32"
+    c.sample.seed = 0
+    c.sample.png_grid = True
+
+    # ---- evaluation ---------------------------------------------------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.inception_path = ""  # `python -m convert inception` output
+    c.eval.ref_path = ""  # ADM reference batch (VIRTUAL_imagenet256_labeled.npz)
+    c.eval.batch_size = 200
+
+    if preset == "demo":
+        _demo(c)
+    elif preset == "imagenet256_s":
+        c.model = _model("S", input_size=16, in_channels=768, num_classes=8192)
+        c.train.num_steps = 25_000
+    _fit_conditioning(c)
+    return c
+
+
+def _demo(c):
+    """Embedded demo: 8x8 digits in pixel space, identity encoder, tiny DiTDH, CPU minutes."""
+    c.data.kind = "digits"
+    c.data.image_size = 8
+    c.data.num_workers = 0
+    c.rae.kind = "identity"
+    c.rae.compute_dtype = "float32"
+    c.gmm.num_components = 10
+    c.gmm.chunk_size = 4096
+    c.model = _model("demo", input_size=8, in_channels=1, num_classes=10)
+    c.model.hidden_size = (64, 96)
+    c.model.depth = (3, 1)
+    c.model.num_heads = (2, 2)
+    c.model.compute_dtype = "float32"
+    c.train.batch_size = 128
+    c.train.num_steps = 1500
+    c.train.lr = 1e-3
+    c.train.lr_end = 1e-4
+    c.train.lr_decay_start = 1000
+    c.train.lr_decay_end = 1500
+    c.train.ema_decay = 0.995
+    c.train.time_shift = 1.0
+    c.train.log_every = 100
+    c.train.ckpt_every = 500
+    c.train.ckpt_keep_period = 0
+    c.train.sample_every = 0
+    c.sample.num_samples = 1000
+    c.sample.batch_size = 500
+    c.sample.compute_dtype = "float32"
+
+
+def _fit_conditioning(c):
+    if not c.mode_conditional:
+        c.train.label_dropout = 0.0
+    if c.source == "gaussian":
+        c.mode_conditional = False
+        c.train.label_dropout = 0.0

@@ -1,0 +1,36 @@
+"""`python -m convert {ditdh,rae,gmm,inception} ...`: one sub-command per artifact kind."""
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "ditdh": "convert.ditdh",
+    "rae": "convert.rae",
+    "gmm": "convert.gmm",
+    "inception": "convert.inception",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
+                           description=module.__doc__)
+        module.add_arguments(p)
+    args = parser.parse_args(argv)
+    from convert.common import ConversionError
+    try:
+        modules[args.command].run(args)
+    except ConversionError as e:
+        print(f"convert {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The main job: `python -m mmfm_jax.main --config=configs/mode_gmm.py[:PRESET] --workdir=DIR`.
+
+Flags, config, mesh and stage dispatch; nothing else. Stages: fit_gmm (encode the data,
+fit the CLS and spatial mixtures), train, sample, eval; `all` runs them in order (the
+demo preset runs its own end-to-end report). Rerunning with the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmfm_jax import config as config_lib
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", default="configs/mode_gmm.py",
+    help_string="Config file and optional preset, FILE[:PRESET] (presets: demo (default), "
+                "imagenet256_xl, imagenet256_s). Override any value with --config.KEY=VALUE.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, checkpoints, GMM, "
+                               "samples and logs; resumed when it already holds state. "
+                               "Default: workdir/<config name>_<preset>.")
+_STAGE = flags.DEFINE_enum("stage", "all", list(config_lib.STAGES),
+                           "Which part of the pipeline to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for "
+                                   "multi-process runs (GPU clusters); auto on Cloud TPU.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+# stage -> (module, function); each function takes (cfg, workdir, mesh).
+STAGE_FUNCTIONS = {
+    "fit_gmm": ("mmfm_jax.train", "fit_gmm_stage"),
+    "train": ("mmfm_jax.train", "train_stage"),
+    "sample": ("mmfm_jax.sample_job", "sample_stage"),
+    "eval": ("mmfm_jax.evaluate", "eval_stage"),
+    "demo": ("mmfm_jax.demo", "run_demo"),
+}
+
+
+def _stage_function(name: str):
+    module_name, fn_name = STAGE_FUNCTIONS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("mmfm_jax"):
+            raise config_lib.ConfigError(
+                f"stage {name!r} is not available in this build ({module_name} is missing)"
+            ) from e
+        raise
+    return getattr(module, fn_name)
+
+
+def _default_workdir(cfg) -> str:
+    config_file = os.path.splitext(os.path.basename(_config_path()))[0]
+    return os.path.join("workdir", f"{config_file}_{cfg.preset}")
+
+
+def _config_path() -> str:
+    for arg in sys.argv[1:]:
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":")[0]
+    return "configs/mode_gmm.py"
+
+
+def run(argv) -> None:
+    if len(argv) > 1:
+        raise config_lib.ConfigError(f"unexpected arguments {argv[1:]}; use --flag=value")
+    import jax
+
+    from mmfm_jax import parallel
+
+    cfg = _CONFIG.value
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    parallel.log_topology()
+    stage = _STAGE.value
+    config_lib.validate(cfg, stage, jax.device_count())
+    workdir = _WORKDIR.value or _default_workdir(cfg)
+    mesh = parallel.make_mesh(cfg.mesh)
+    if jax.process_index() == 0:
+        config_lib.save(cfg, workdir)
+    logging.info("workdir %s, stage %s, preset %s, mesh %s", workdir, stage, cfg.preset,
+                 dict(mesh.shape))
+    jax.set_mesh(mesh)
+    if cfg.preset == "demo" and stage == "all":
+        _stage_function("demo")(cfg, workdir, mesh)
+        return
+    order = ["fit_gmm", "train", "sample", "eval"] if stage == "all" else [stage]
+    if cfg.source == "gaussian" or cfg.gmm.path:
+        order = [s for s in order if s != "fit_gmm" or stage == "fit_gmm"]
+    for name in order:
+        _stage_function(name)(cfg, workdir, mesh)
+
+
+def main(argv) -> None:
+    try:
+        run(argv)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl flag parsing with one clear line for a bad --config.KEY override."""
+    try:
+        return FLAGS(argv)
+    except (KeyError, AttributeError) as e:  # config_flags: unknown key in an override
+        key = str(e).strip("'\"")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and key in a.split("=")[0]]
+        where = bad[0] if bad else f"--config.{key}"
+        print(f"error: {where}: config has no key {key!r}; see configs/base.py for the keys",
+              file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def entry() -> None:
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,202 @@
+"""The one device mesh every program shares: DiTDH training and sampling, EM, Inception.
+
+* `make_mesh(cfg.mesh)` builds a `(data, fsdp)` mesh; a size of -1 means "the rest".
+* `LOGICAL_AXIS_RULES` maps logical array axes (as annotated on parameters and
+  activations) to mesh axes: sharding rules as data, as in MaxText.
+* `host_to_global` / `global_to_host` move host-local numpy batches onto the mesh and back,
+  also across processes.
+* `initialize_distributed` starts JAX's multi-controller runtime when this is one of
+  several processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over every device
+
+# Logical axis name -> mesh axes (None = replicated). Parameters use "embed" for their
+# model-width axis, so FSDP shards them over `fsdp`; activations use "batch".
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("heads", None),
+    ("qkv", None),
+    ("tokens", None),
+    ("channels", None),
+    ("vocab", None),
+    ("modes", BATCH_AXES),  # GMM components (K) when the accumulators are large
+    ("features", None),
+)
+
+
+def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve -1 ("the rest") so that the product of sizes equals `num_devices`."""
+    sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    unknown = [a for a, s in sizes.items() if s == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {unknown}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if known <= 0 or num_devices % known:
+        raise ValueError(f"mesh sizes {sizes} do not divide the {num_devices} devices")
+    if unknown:
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh sizes {sizes} use {math.prod(sizes.values())} devices, "
+                         f"but {num_devices} are present; set one axis to -1")
+    return sizes
+
+
+def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A `(data, fsdp)` mesh over all (or the given) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_axis_sizes(mesh_cfg or {"data": -1, "fsdp": 1}, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None,
+                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """PartitionSpec for an array whose axes carry logical names (None = replicated)."""
+    if logical_axes is None:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in logical_axes:
+        mesh_axes = table.get(name) if name is not None else None
+        if mesh_axes is None:
+            out.append(None)
+            continue
+        group = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        group = tuple(a for a in group if a not in used)  # a mesh axis shards one dim only
+        used.update(group)
+        out.append(group if len(group) > 1 else (group[0] if group else None))
+    return PartitionSpec(*out)
+
+
+def _fits(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dims they do not divide (e.g. tiny test models on 8 devices)."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if entry is None:
+            out.append(None)
+            continue
+        group = (entry,) if isinstance(entry, str) else tuple(entry)
+        size = math.prod(mesh.shape[a] for a in group)
+        out.append(entry if dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def logical_sharding(mesh: Mesh, logical_axes, shape=None, rules=LOGICAL_AXIS_RULES):
+    spec = logical_to_spec(logical_axes, rules)
+    if shape is not None:
+        spec = _fits(shape, spec, mesh)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading axis over every device of the mesh, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def host_to_global(tree, mesh: Mesh):
+    """Host-local numpy batches (this process's rows) -> global arrays split over `data`.
+
+    Each process passes its own `global_batch / process_count` rows; the global array
+    concatenates them in process order.
+    """
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+    return jax.tree.map(put, tree)
+
+
+def global_to_host(tree, *, gather: bool = False):
+    """Global arrays -> numpy. `gather=False`: this process's rows, in global order;
+    `gather=True`: the whole array on every process."""
+    def get(x):
+        if gather or jax.process_count() == 1 or x.is_fully_replicated:
+            if jax.process_count() > 1 and not x.is_fully_replicated:
+                from jax.experimental import multihost_utils
+                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            return np.asarray(x)
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        seen, rows = set(), []
+        for s in shards:
+            start = s.index[0].start or 0
+            if start not in seen:
+                seen.add(start)
+                rows.append(np.asarray(s.data))
+        return np.concatenate(rows, axis=0)
+    return jax.tree.map(get, tree)
+
+
+def process_batch_slice(global_batch: int) -> slice:
+    """Rows of a global batch that belong to this process (for host-side data loading)."""
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"global batch {global_batch} not divisible by {n} processes")
+    per = global_batch // n
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           *, timeout_s: int = 300) -> bool:
+    """Start jax.distributed when this is one of several processes.
+
+    Arguments fall back to the environment (`MMFM_COORDINATOR`, `MMFM_NUM_PROCESSES`,
+    `MMFM_PROCESS_ID`, or SLURM's variables); on Cloud TPU VMs with several hosts JAX
+    detects everything itself. Returns True when the runtime was initialised.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("MMFM_COORDINATOR")
+    if num_processes is None and env.get("MMFM_NUM_PROCESSES"):
+        num_processes = int(env["MMFM_NUM_PROCESSES"])
+    if process_id is None and env.get("MMFM_PROCESS_ID"):
+        process_id = int(env["MMFM_PROCESS_ID"])
+    if num_processes is None and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        num_processes = int(env["SLURM_NTASKS"])
+        process_id = int(env["SLURM_PROCID"])
+    tpu_pod = env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+    if not tpu_pod and (num_processes is None or num_processes <= 1):
+        return False
+    if jax.default_backend() == "cpu" or env.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if not tpu_pod:
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                      process_id=process_id)
+    jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=min(timeout_s, 60))
+    return True
+
+
+def log_topology() -> None:
+    """One line per program start: processes, local and global devices."""
+    logging.info("process %d/%d, %d local / %d global devices (%s), backend %s",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.devices()[0].device_kind, jax.default_backend())

@@ -1,0 +1,119 @@
+"""Bicubic resizes that reproduce torch's `F.interpolate(mode="bicubic")` exactly.
+
+`jax.image.resize("bicubic")` is a different filter (Keys A = -0.5, antialiased on
+downscale), so the RAE front end uses these instead:
+
+* `resize_bicubic` (jittable, NHWC): torch's default path, A = -0.75, no antialias,
+  align_corners=False, source coordinates and weights in float32, border-clamped taps.
+  The filter is separable, so a resize is two small matmuls with weight matrices that
+  are computed once on the host.
+* `resize_bicubic_antialias_np` (numpy, NCHW-free): torch's `antialias=True` path
+  (A = -0.5, support 2 * scale, normalised weights), used once at conversion time to
+  resize the DINOv2 position-embedding grid.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_F32 = np.float32
+
+
+def _cubic_near(x: np.float32, a: np.float32) -> np.float32:
+    """Keys kernel for |x| <= 1, in torch's evaluation order (float32)."""
+    return ((a + _F32(2)) * x - (a + _F32(3))) * x * x + _F32(1)
+
+
+def _cubic_far(x: np.float32, a: np.float32) -> np.float32:
+    """Keys kernel for 1 < |x| < 2, in torch's evaluation order (float32)."""
+    return ((a * x - _F32(5) * a) * x + _F32(8) * a) * x - _F32(4) * a
+
+
+@functools.lru_cache(maxsize=32)
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 weights of torch's non-antialiased bicubic resize.
+
+    Mirrors torch's CPU kernel: scale = in/out and src = scale * (i + 0.5) - 0.5 in
+    float32, taps floor(src) - 1 ... floor(src) + 2 clamped to the border (clamped taps
+    accumulate onto the edge pixel), A = -0.75.
+    """
+    a = _F32(-0.75)
+    scale = _F32(in_size) / _F32(out_size)
+    weights = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        src = scale * (_F32(i) + _F32(0.5)) - _F32(0.5)
+        floor = np.floor(src)
+        t = _F32(src - floor)
+        coeffs = (_cubic_far(t + _F32(1), a), _cubic_near(t, a),
+                  _cubic_near(_F32(1) - t, a), _cubic_far(_F32(2) - t, a))
+        for k, c in enumerate(coeffs):
+            j = min(max(int(floor) - 1 + k, 0), in_size - 1)
+            weights[i, j] += c
+    return weights
+
+
+def resize_bicubic(images: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+    """Resize (B, H, W, C) images like torch bicubic (A=-0.75, no antialias, no clamp).
+
+    Runs in float32 whatever the input dtype; the output can leave the input range
+    (bicubic overshoot), exactly as torch's does.
+    """
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    _, in_h, in_w, _ = images.shape
+    x = images.astype(jnp.float32)
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    wy = jnp.asarray(bicubic_matrix(in_h, out_h))
+    wx = jnp.asarray(bicubic_matrix(in_w, out_w))
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("oh,bhwc->bowc", wy, x, precision=hi)
+    return jnp.einsum("pw,bowc->bopc", wx, x, precision=hi)
+
+
+def _aa_cubic(x: float, a: float = -0.5) -> float:
+    """PIL/torch antialias bicubic filter (A = -0.5)."""
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+def bicubic_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 weights of torch's bicubic resize with antialias=True.
+
+    For each output i: center = scale * (i + 0.5), support = 2 * max(scale, 1), taps
+    [int(center - support + 0.5), int(center + support + 0.5)) clipped to the input,
+    w_j = W((j - center + 0.5) / max(scale, 1)), normalised to sum to one.
+    """
+    scale = _F32(in_size) / _F32(out_size)
+    support = _F32(2.0) * scale if scale >= 1.0 else _F32(2.0)
+    invscale = _F32(1.0) / scale if scale >= 1.0 else _F32(1.0)
+    weights = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        center = scale * (_F32(i) + _F32(0.5))
+        lo = max(int(center - support + _F32(0.5)), 0)
+        hi = min(int(center + support + _F32(0.5)), in_size)
+        w = np.array([_aa_cubic(float((_F32(j) - center + _F32(0.5)) * invscale))
+                      for j in range(lo, hi)], np.float32)
+        total = w.sum(dtype=np.float32)
+        weights[i, lo:hi] = w / total if total != 0 else w
+    return weights
+
+
+def resize_bicubic_antialias_np(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (H, W, C) float array like torch bicubic with antialias=True (float32)."""
+    grid = np.asarray(grid, np.float32)
+    in_h, in_w, _ = grid.shape
+    out_h, out_w = size
+    if (in_h, in_w) == (out_h, out_w):
+        return grid.copy()
+    wy = bicubic_antialias_matrix(in_h, out_h)
+    wx = bicubic_antialias_matrix(in_w, out_w)
+    x = np.einsum("oh,hwc->owc", wy, grid)
+    return np.einsum("pw,owc->opc", wx, x).astype(np.float32)
