@@ -162,8 +162,8 @@ def _demo(c):
     c.train.ckpt_every = 500
     c.train.ckpt_keep_period = 0
     c.train.sample_every = 0
-    c.sample.num_samples = 1000
-    c.sample.batch_size = 500
+    c.sample.num_samples = 1024
+    c.sample.batch_size = 512
     c.sample.compute_dtype = "float32"
 
 

@@ -23,36 +23,45 @@ import numpy as np
 _F32 = np.float32
 
 
+def _fma(x, y, z) -> np.float32:
+    """float32 fused multiply-add (one rounding), as torch's CPU kernels get from the
+    compiler's FMA contraction on x86 (AVX2/AVX512 builds)."""
+    return _F32(np.float64(x) * np.float64(y) + np.float64(z))
+
+
 def _cubic_near(x: np.float32, a: np.float32) -> np.float32:
-    """Keys kernel for |x| <= 1, in torch's evaluation order (float32)."""
-    return ((a + _F32(2)) * x - (a + _F32(3))) * x * x + _F32(1)
+    """Keys kernel ((a+2)x - (a+3))x^2 + 1 for |x| <= 1, contracted as torch's is."""
+    return _fma(_fma(a + _F32(2), x, -(a + _F32(3))) * x, x, _F32(1))
 
 
 def _cubic_far(x: np.float32, a: np.float32) -> np.float32:
-    """Keys kernel for 1 < |x| < 2, in torch's evaluation order (float32)."""
-    return ((a * x - _F32(5) * a) * x + _F32(8) * a) * x - _F32(4) * a
+    """Keys kernel ((ax - 5a)x + 8a)x - 4a for 1 < |x| < 2, contracted as torch's is."""
+    return _fma(_fma(_fma(a, x, -_F32(5) * a), x, _F32(8) * a), x, -_F32(4) * a)
 
 
 @functools.lru_cache(maxsize=32)
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) float32 weights of torch's non-antialiased bicubic resize.
 
-    Mirrors torch's CPU kernel: scale = in/out and src = scale * (i + 0.5) - 0.5 in
-    float32, taps floor(src) - 1 ... floor(src) + 2 clamped to the border (clamped taps
-    accumulate onto the edge pixel), A = -0.75.
+    Mirrors torch's CPU kernel: scale = in/out in float32, src = scale * (i + 0.5) - 0.5
+    in float32 (fused), taps floor(src) - 1 ... floor(src) + 2 clamped to the border
+    (clamped taps accumulate onto the edge pixel), A = -0.75. Entries agree with torch's
+    to about 1e-7; computing src in float64 instead would be off by up to 2.5e-5.
     """
     a = _F32(-0.75)
     scale = _F32(in_size) / _F32(out_size)
     weights = np.zeros((out_size, in_size), np.float32)
     for i in range(out_size):
-        src = scale * (_F32(i) + _F32(0.5)) - _F32(0.5)
-        floor = np.floor(src)
-        t = _F32(src - floor)
-        coeffs = (_cubic_far(t + _F32(1), a), _cubic_near(t, a),
-                  _cubic_near(_F32(1) - t, a), _cubic_far(_F32(2) - t, a))
+        src = _fma(scale, _F32(i) + _F32(0.5), _F32(-0.5))
+        index = min(int(np.floor(src)), in_size - 1)
+        t = min(max(_F32(src - _F32(index)), _F32(0)), _F32(1))
+        coeffs = (_cubic_far(_F32(t + _F32(1)), a), _cubic_near(t, a),
+                  _cubic_near(_F32(_F32(1) - t), a),
+                  _cubic_far(_F32(_F32(_F32(1) - t) + _F32(1)), a))
         for k, c in enumerate(coeffs):
-            j = min(max(int(floor) - 1 + k, 0), in_size - 1)
+            j = min(max(index - 1 + k, 0), in_size - 1)
             weights[i, j] += c
+    weights.setflags(write=False)
     return weights
 
 
@@ -70,8 +79,8 @@ def resize_bicubic(images: jax.Array, size: int | tuple[int, int]) -> jax.Array:
     wy = jnp.asarray(bicubic_matrix(in_h, out_h))
     wx = jnp.asarray(bicubic_matrix(in_w, out_w))
     hi = jax.lax.Precision.HIGHEST
-    x = jnp.einsum("oh,bhwc->bowc", wy, x, precision=hi)
-    return jnp.einsum("pw,bowc->bopc", wx, x, precision=hi)
+    x = jnp.einsum("pw,bhwc->bhpc", wx, x, precision=hi)  # torch sums along W first
+    return jnp.einsum("oh,bhpc->bopc", wy, x, precision=hi)
 
 
 def _aa_cubic(x: float, a: float = -0.5) -> float:
