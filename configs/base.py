@@ -56,6 +56,9 @@ def get_base_config(source: str, mode_conditional: bool, preset: str | None):
     c.data.prefetch = 2
     c.data.random_flip = True
     c.data.latent_cache = ""  # optional precomputed latents + CLS tokens of both flips
+    c.data.read_threads = 16  # grain read threads per process
+    c.data.read_buffer = 256  # records read ahead per process
+    c.data.digits_holdout = 0.2  # demo: held-out fraction of the digits (Frechet reference)
 
     # ---- stage 1 (frozen RAE) ------------------------------------------------------
     c.rae = ml_collections.ConfigDict()
@@ -141,6 +144,7 @@ def _demo(c):
     c.data.kind = "digits"
     c.data.image_size = 8
     c.data.num_workers = 0
+    c.data.random_flip = False  # a mirrored digit is not a digit
     c.rae.kind = "identity"
     c.rae.compute_dtype = "float32"
     c.gmm.num_components = 10

@@ -83,35 +83,32 @@ def resize_bicubic(images: jax.Array, size: int | tuple[int, int]) -> jax.Array:
     return jnp.einsum("oh,bhpc->bopc", wy, x, precision=hi)
 
 
-def _aa_cubic(x: float, a: float = -0.5) -> float:
-    """PIL/torch antialias bicubic filter (A = -0.5)."""
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    if x < 2.0:
-        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return 0.0
-
-
 def bicubic_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) float32 weights of torch's bicubic resize with antialias=True.
 
     For each output i: center = scale * (i + 0.5), support = 2 * max(scale, 1), taps
     [int(center - support + 0.5), int(center + support + 0.5)) clipped to the input,
-    w_j = W((j - center + 0.5) / max(scale, 1)), normalised to sum to one.
+    w_j = W((j - center + 0.5) / max(scale, 1)) with the A = -0.5 kernel, normalised to
+    sum to one; float32 with torch's mixed float/double intermediate steps.
     """
+    a = _F32(-0.5)
     scale = _F32(in_size) / _F32(out_size)
     support = _F32(2.0) * scale if scale >= 1.0 else _F32(2.0)
-    invscale = _F32(1.0) / scale if scale >= 1.0 else _F32(1.0)
+    invscale = _F32(1.0 / float(scale)) if scale >= 1.0 else _F32(1.0)
     weights = np.zeros((out_size, in_size), np.float32)
     for i in range(out_size):
-        center = scale * (_F32(i) + _F32(0.5))
-        lo = max(int(center - support + _F32(0.5)), 0)
-        hi = min(int(center + support + _F32(0.5)), in_size)
-        w = np.array([_aa_cubic(float((_F32(j) - center + _F32(0.5)) * invscale))
-                      for j in range(lo, hi)], np.float32)
-        total = w.sum(dtype=np.float32)
-        weights[i, lo:hi] = w / total if total != 0 else w
+        center = _F32(float(scale) * (i + 0.5))
+        lo = max(int(float(_F32(center - support)) + 0.5), 0)
+        hi = min(int(float(_F32(center + support)) + 0.5), in_size)
+        w = []
+        for j in range(lo, hi):
+            x = abs(_F32((float(_F32(_F32(j) - center)) + 0.5) * float(invscale)))
+            w.append(_cubic_near(x, a) if x < 1 else _cubic_far(x, a) if x < 2 else _F32(0))
+        total = _F32(0)
+        for v in w:
+            total = _F32(total + v)
+        weights[i, lo:hi] = [_F32(v / total) for v in w] if total != 0 else w
+    weights.setflags(write=False)
     return weights
 
 
@@ -124,5 +121,5 @@ def resize_bicubic_antialias_np(grid: np.ndarray, size: tuple[int, int]) -> np.n
         return grid.copy()
     wy = bicubic_antialias_matrix(in_h, out_h)
     wx = bicubic_antialias_matrix(in_w, out_w)
-    x = np.einsum("oh,hwc->owc", wy, grid)
-    return np.einsum("pw,owc->opc", wx, x).astype(np.float32)
+    x = np.einsum("pw,hwc->hpc", wx, grid)  # torch resamples along W first
+    return np.einsum("oh,hpc->opc", wy, x).astype(np.float32)

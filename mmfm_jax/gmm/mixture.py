@@ -27,7 +27,7 @@ def log_gaussian_diag(x: jax.Array, means: jax.Array, variances: jax.Array) -> j
     component means (a shift changes nothing in exact arithmetic), and the matmuls run at
     full precision whatever the global default (TPU/TF32 would lose ~1e-3 relative).
     """
-    dtype = jnp.result_type(x.dtype, means.dtype, jnp.float32)
+    dtype = jax.dtypes.canonicalize_dtype(jnp.result_type(x.dtype, means.dtype, jnp.float32))
     x, means, variances = x.astype(dtype), means.astype(dtype), variances.astype(dtype)
     centre = jnp.mean(means, axis=0)
     xc, mc = x - centre, means - centre

@@ -5,6 +5,9 @@ precomputed for the input grid at conversion time (see `convert/rae.py`), regist
 are inserted after the position add, and the final LayerNorm has no affine (RAE deletes
 `layernorm.weight/bias`). Returns the full last hidden state
 [CLS, registers, patches]; `mmfm_jax.rae` picks the tokens it needs.
+
+The pre-LN ViT block here is shared with the RAE decoder (`rae_decoder.py`), which is
+the same block without LayerScale.
 """
 
 from __future__ import annotations
@@ -15,7 +18,72 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfm_jax.models.vit import Buffer, TransformerBlock, partitioned, zeros
+
+class Buffer(nnx.Variable):
+    """A frozen array loaded from a checkpoint (position tables, latent statistics)."""
+
+
+def partitioned(init, names):
+    """Initializer carrying logical axis names (`parallel.LOGICAL_AXIS_RULES`); the
+    arrays are placed on a mesh when loaded (`mmfm_jax.rae.load_rae`), not eagerly."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _linear(d_in: int, d_out: int, names, *, rngs: nnx.Rngs, dtype) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                      kernel_init=partitioned(nnx.initializers.lecun_normal(), names))
+
+
+def layer_norm(d: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """Affine LayerNorm in float32 with torch's two-pass variance."""
+    return nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, dtype=jnp.float32,
+                         param_dtype=jnp.float32, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate q/k/v projections (bias), scale hd^-1/2."""
+
+    def __init__(self, d: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if d % num_heads:
+            raise ValueError(f"width {d} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.dtype = dtype
+        self.query = _linear(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.key = _linear(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.value = _linear(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.out = _linear(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        o = jax.nn.dot_product_attention(q, k, v)
+        return self.out(o.reshape(b, t, d))
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-LN ViT block: h + ls1 * attn(LN1(h)), then h + ls2 * fc2(GELU(fc1(LN2(h)))).
+
+    The residual stream stays float32; matmuls run in `dtype`. GELU is the exact erf
+    form. LayerScale (`ls1`, `ls2`) is DINOv2's; the decoder has none.
+    """
+
+    def __init__(self, d: int, num_heads: int, mlp_dim: int, eps: float, *,
+                 layer_scale: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.norm1 = layer_norm(d, eps, rngs=rngs)
+        self.attn = Attention(d, num_heads, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(d, eps, rngs=rngs)
+        self.fc1 = _linear(d, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = _linear(mlp_dim, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+        self.ls1 = nnx.Param(jnp.ones((d,))) if layer_scale else None
+        self.ls2 = nnx.Param(jnp.ones((d,))) if layer_scale else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a = self.attn(self.norm1(x)).astype(jnp.float32)
+        x = x + (a * self.ls1[...] if self.ls1 is not None else a)
+        m = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+        m = m.astype(jnp.float32)
+        return x + (m * self.ls2[...] if self.ls2 is not None else m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +115,7 @@ class Dinov2Encoder(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.patch_kernel = nnx.Param(
-            partitioned(zeros, (None, None, None, "embed"))(
+            partitioned(nnx.initializers.lecun_normal(), (None, None, None, "embed"))(
                 rngs.params(), (p, p, cfg.num_channels, d)))
         self.patch_bias = nnx.Param(jnp.zeros((d,)))
         self.cls_token = nnx.Param(jnp.zeros((d,)))

@@ -78,10 +78,16 @@ def avg_pool_exclude_pad(x: jax.Array) -> jax.Array:
     """3x3/1/pad 1 average pool with count_include_pad=False."""
     pads = ((0, 0), (1, 1), (1, 1), (0, 0))
     total = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pads)
-    ones = np.ones((1, x.shape[1], x.shape[2], 1), np.float32)
-    count = np.asarray(jax.lax.reduce_window(ones, 0.0, jax.lax.add, (1, 3, 3, 1),
-                                             (1, 1, 1, 1), pads))
-    return total / jnp.asarray(count, x.dtype)
+    return total / jnp.asarray(_window_counts(x.shape[1], x.shape[2]), x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_counts(h: int, w: int) -> np.ndarray:
+    """Number of real (unpadded) pixels under each 3x3/1/pad 1 window, (1, h, w, 1)."""
+    def per_axis(n):
+        idx = np.arange(n)
+        return np.minimum(idx + 1, n - 1) - np.maximum(idx - 1, 0) + 1
+    return (per_axis(h)[:, None] * per_axis(w)[None, :]).astype(np.float32)[None, :, :, None]
 
 
 class BasicConv2d(nnx.Module):

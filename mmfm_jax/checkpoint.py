@@ -1,0 +1,167 @@
+"""Training checkpoints: orbax (async, atomic, retention), preemption and the NaN guard.
+
+* `Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` under
+  `<workdir>/checkpoints`: item "state" (any pytree of arrays: params, EMA, optimizer,
+  step, RNG) and, when given, item "data" (the grain iterator, through grain's own orbax
+  handler, one JSON per process). Saves are asynchronous; orbax writes into a temporary
+  directory and renames it on commit, so a killed run never leaves a half checkpoint that
+  `latest_step` would pick. Retention: the last `keep` plus every `keep_period`-th step.
+* `PreemptionGuard` turns SIGTERM into a flag the train loop polls, so a preempted run
+  saves its current step and exits instead of dying mid-step.
+* `check_finite` is the NaN guard: it names the first step whose loss, gradient norm or
+  parameter norm is not finite, so the run stops before that state is ever saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss, gradient or parameter at a named step."""
+
+    def __init__(self, step: int, values: Mapping[str, float], last_checkpoint: int | None):
+        self.step = step
+        self.values = dict(values)
+        self.last_checkpoint = last_checkpoint
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        kept = (f"the last good checkpoint (step {last_checkpoint}) is intact"
+                if last_checkpoint is not None else "no checkpoint was written")
+        super().__init__(f"non-finite training state at step {step} ({shown}); stopping "
+                         f"without saving it; {kept}")
+
+
+GUARDED = ("loss", "grad_norm", "param_norm")
+
+
+def check_finite(steps: Sequence[int], records: Sequence[Mapping[str, float]],
+                 last_checkpoint: int | None) -> None:
+    """Raise NonFiniteError for the first record with a non-finite guarded value."""
+    for step, rec in zip(steps, records):
+        values = {k: float(rec[k]) for k in GUARDED if k in rec}
+        if not all(np.isfinite(v) for v in values.values()):
+            raise NonFiniteError(step, values, last_checkpoint)
+
+
+class Checkpointer:
+    """Asynchronous orbax checkpoints of the train state and the data iterator."""
+
+    def __init__(self, directory: str, *, keep: int, keep_period: int = 0,
+                 use_async: bool = True):
+        self.directory = os.path.abspath(directory)
+        handlers = {STATE_ITEM: ocp.StandardCheckpointHandler()}
+        try:  # grain registers its orbax handler and args on import
+            import grain.checkpoint as grain_ckpt
+            handlers[DATA_ITEM] = grain_ckpt.CheckpointHandler()
+            self._grain = grain_ckpt
+        except ImportError:  # pragma: no cover - grain is a base requirement
+            self._grain = None
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max(int(keep), 1),
+            keep_period=int(keep_period) if keep_period and keep_period > 0 else None,
+            enable_async_checkpointing=use_async,
+            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iterator=None) -> bool:
+        """Start an asynchronous save of `state` (and the iterator position) at `step`.
+
+        Returns once the arrays are copied off the devices, so the caller may donate them.
+        """
+        items = {STATE_ITEM: ocp.args.StandardSave(state)}
+        if data_iterator is not None and self._grain is not None:
+            items[DATA_ITEM] = self._grain.CheckpointSave(data_iterator)
+        saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        if saved:
+            logging.info("checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """The state at `step`, placed as `abstract_state` says (ShapeDtypeStructs with
+        shardings); `data_iterator` is moved to its saved position in place."""
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None and self._grain is not None:
+            if not os.path.isdir(os.path.join(self.directory, str(step), DATA_ITEM)):
+                raise FileNotFoundError(
+                    f"checkpoint {self.directory}/{step} has no data-iterator state; it "
+                    "cannot resume the data order exactly")
+            items[DATA_ITEM] = self._grain.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+        logging.info("checkpoint: restored step %d from %s", step, self.directory)
+        return restored[STATE_ITEM]
+
+    def restore_subset(self, step: int, abstract_subset: dict) -> dict:
+        """Only the top-level entries of the saved state named in `abstract_subset` (e.g.
+        the EMA and frozen tables for sampling), without reading the rest."""
+        reader = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+            item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()})
+        try:
+            args = ocp.args.PyTreeRestore(
+                item=abstract_subset,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subset),
+                partial_restore=True)
+            restored = reader.restore(int(step), args=ocp.args.Composite(**{STATE_ITEM: args}))
+        finally:
+            reader.close()
+        return restored[STATE_ITEM]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class PreemptionGuard:
+    """Context manager: SIGTERM sets `requested` (the loop then saves and exits).
+
+    With several processes every process must stop at the same step, so the decision also
+    goes through JAX's preemption sync point (which the distributed runtime triggers).
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self._event.set()
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # preemption service not started: fall back to the flag
+                pass
+        return self._event.is_set()

@@ -1,0 +1,652 @@
+"""The MM-FM trainer: state, the jitted train step, the loop, and the fit_gmm/train stages.
+
+One step is one compiled program on the shared mesh, with the state donated:
+frozen encode (RAE, or the demo's pixel identity) -> mode from the CLS mixture (soft or
+hard) -> x0 from that mode's spatial Gaussian (N(0, I) for the Gaussian baseline) ->
+t (logit-normal or uniform, then shifted) -> x_t and target x0 - x1 -> velocity MSE ->
+gradients (optionally accumulated over micro-batches with `lax.scan`) -> optax
+(global-norm clip, AdamW on RAE's flat-then-linear schedule) -> EMA. The randomness of
+step s is `fold_in(rng, s)` split per use, so a resumed run draws exactly what the
+uninterrupted run drew. The model is split once with `nnx.split` into a graph definition,
+the trainable `nnx.Param` state and the frozen tables (pos-embed, Fourier W, RoPE), which
+are carried along unchanged (so the EMA over them is the identity, as upstream).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mmfm_jax import config as config_lib
+from mmfm_jax import flow, parallel
+from mmfm_jax.checkpoint import Checkpointer, PreemptionGuard, check_finite
+from mmfm_jax.metrics import MetricWriter, Progress
+from mmfm_jax.models import DiTDH, DiTDHConfig, export_torch_state_dict, state_shardings
+
+# Dense bf16 peak TFLOP/s per device, for MFU (matched as substrings of device_kind).
+PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("v5p", 459.0),
+               ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0))
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; all leaves are arrays (checkpointed as is).
+
+    params/ema/frozen are pure dicts of the model's nnx state (Param / frozen tables);
+    rng is the base key (uint32[2]) that each step folds its index into.
+    """
+
+    params: Any
+    frozen: Any
+    ema: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+# ---------------------------------------------------------------------------------- setup
+
+def model_config(cfg) -> DiTDHConfig:
+    """The DiTDH of a run; mode-conditional runs feed the mode through the label table."""
+    m = cfg.model
+    return DiTDHConfig(input_size=int(m.input_size), in_channels=int(m.in_channels),
+                       hidden_size=tuple(m.hidden_size), depth=tuple(m.depth),
+                       num_heads=tuple(m.num_heads), mlp_ratio=float(m.mlp_ratio),
+                       num_classes=int(m.num_classes),
+                       class_dropout_prob=float(m.class_dropout_prob),
+                       use_y_conditioning=bool(cfg.mode_conditional),
+                       compute_dtype=str(m.compute_dtype), remat=bool(m.remat),
+                       attention_impl=m.attention_impl or None)
+
+
+def check_config(cfg) -> None:
+    """Training-specific consistency checks (one line each, naming the key)."""
+    if cfg.mode_conditional and cfg.model.num_classes != cfg.gmm.num_components:
+        raise config_lib.ConfigError(
+            f"config.model.num_classes={cfg.model.num_classes} must equal "
+            f"config.gmm.num_components={cfg.gmm.num_components} for a mode-conditional model")
+    if cfg.mode_conditional and cfg.train.label_dropout > 0 >= cfg.model.class_dropout_prob:
+        raise config_lib.ConfigError(
+            f"config.train.label_dropout={cfg.train.label_dropout} needs a null row: set "
+            "config.model.class_dropout_prob > 0")
+
+
+def time_shift(cfg) -> float:
+    """config.train.time_shift, or sqrt(H*W*C/4096) when it is -1."""
+    if cfg.train.time_shift > 0:
+        return float(cfg.train.time_shift)
+    m = cfg.model
+    return flow.default_shift(m.input_size, m.input_size, m.in_channels)
+
+
+def lr_schedule(t) -> optax.Schedule:
+    """RAE's schedule: constant `lr` up to `lr_decay_start` optimizer steps, then linear
+    to `lr_end` at `lr_decay_end`, constant after (no warm-up)."""
+    start, end = int(t.lr_decay_start), int(t.lr_decay_end)
+    if end <= start:
+        return optax.constant_schedule(float(t.lr))
+    return optax.join_schedules(
+        [optax.constant_schedule(float(t.lr)),
+         optax.linear_schedule(float(t.lr), float(t.lr_end), end - start)], [start])
+
+
+def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clip, then AdamW (RAE: betas 0.9/0.95, eps 1e-8, no weight decay)."""
+    schedule = lr_schedule(t)
+    parts = [optax.clip_by_global_norm(float(t.grad_clip))] if t.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=float(t.b1), b2=float(t.b2), eps=float(t.eps),
+                             weight_decay=float(t.weight_decay)))
+    return optax.chain(*parts), schedule
+
+
+def make_encoder(cfg, mesh):
+    """The frozen stage 1: the converted RAE, or the demo's identity pixel encoder."""
+    if cfg.rae.kind == "identity":
+        from mmfm_jax.pixel_encoder import PixelEncoder
+        channels = cfg.model.in_channels
+        return PixelEncoder(cfg.data.image_size, channels)
+    if cfg.rae.kind != "dinov2":
+        raise config_lib.ConfigError(f"config.rae.kind={cfg.rae.kind!r}; use 'dinov2' or "
+                                     "'identity'")
+    from mmfm_jax import rae
+    return rae.load_rae(cfg.rae.path, mesh=mesh, compute_dtype=cfg.rae.compute_dtype)
+
+
+def gmm_dir(cfg, workdir: str) -> str:
+    return cfg.gmm.path or os.path.join(workdir, "gmm")
+
+
+def load_mixtures(cfg, workdir: str, mesh):
+    """(CLS mixture, spatial mixture) on the mesh for a GMM run, None for the baseline.
+
+    The spatial means (K, H, W, C) are split over the modes when K divides the devices."""
+    if cfg.source != "gmm":
+        return None
+    from mmfm_jax import gmm
+    path = gmm_dir(cfg, workdir)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no fitted mixtures; run --stage=fit_gmm or set "
+                                "config.gmm.path")
+    cls_mix, spatial = gmm.load(path)
+    k = cfg.gmm.num_components
+    if cls_mix.n_components != k:
+        raise ValueError(f"{path}: mixture has {cls_mix.n_components} modes, config.gmm."
+                         f"num_components is {k}")
+    rep = parallel.replicated(mesh)
+    means = spatial.means
+    spatial = spatial.replace(means=None)
+    cls_mix, spatial = jax.device_put((cls_mix, spatial), rep)
+    means = jax.device_put(means, parallel.logical_sharding(
+        mesh, ("modes", None, None, None), means.shape))
+    return cls_mix, spatial.replace(means=means)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """The split DiTDH: graph definition and the tree structures of its two states."""
+
+    graphdef: Any
+    params_def: Any
+    frozen_def: Any
+
+    def merge(self, params, frozen) -> DiTDH:
+        p = jax.tree.unflatten(self.params_def, jax.tree.leaves(params))
+        f = jax.tree.unflatten(self.frozen_def, jax.tree.leaves(frozen))
+        return nnx.merge(self.graphdef, p, f)
+
+
+def _split(model_or_state):
+    if isinstance(model_or_state, nnx.Module):
+        graphdef, params, frozen = nnx.split(model_or_state, nnx.Param, ...)
+    else:
+        graphdef = None
+        params, frozen = nnx.split_state(model_or_state, nnx.Param, ...)
+    return graphdef, params, frozen
+
+
+def _pure(state):
+    return nnx.to_pure_dict(state)
+
+
+def _state_shardings(mcfg: DiTDHConfig, tx, mesh) -> tuple[ModelParts, TrainState]:
+    """ModelParts and the NamedSharding tree of the TrainState (params by their logical
+    axes, optimizer moments like their params, scalars replicated)."""
+    abstract = nnx.eval_shape(lambda: DiTDH(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, params, frozen = _split(abstract)
+    parts = ModelParts(graphdef, jax.tree.structure(params), jax.tree.structure(frozen))
+    _, p_sh, f_sh = _split(state_shardings(abstract, mesh))
+    p_sh, f_sh = _pure(p_sh), _pure(f_sh)
+    rep = parallel.replicated(mesh)
+    opt_abstract = jax.eval_shape(tx.init, _pure(params))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_sh,
+                                   transform_non_params=lambda _: rep)
+    return parts, TrainState(params=p_sh, frozen=f_sh, ema=p_sh, opt_state=opt_sh,
+                             step=rep, rng=rep)
+
+
+def init_state(mcfg: DiTDHConfig, tx, shardings: TrainState, seed: int) -> TrainState:
+    """A fresh state, built directly in its shardings (EMA = a copy of the params)."""
+    def init():
+        model = DiTDH(mcfg, rngs=nnx.Rngs(seed))
+        _, params, frozen = _split(model)
+        params, frozen = _pure(params), _pure(frozen)
+        return TrainState(params=params, frozen=frozen,
+                          ema=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                          step=jnp.zeros((), jnp.int32),
+                          rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def _init_shapes(mcfg, tx, seed):
+    model = DiTDH(mcfg, rngs=nnx.Rngs(seed))
+    _, params, frozen = _split(model)
+    params, frozen = _pure(params), _pure(frozen)
+    return TrainState(params=params, frozen=frozen, ema=params, opt_state=tx.init(params),
+                      step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
+
+
+# ------------------------------------------------------------------------------ the step
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The static settings of the compiled step."""
+
+    source: str  # gmm | gaussian
+    mode_conditional: bool
+    assignment: str  # soft | hard
+    time_dist: str
+    time_mu: float
+    time_sigma: float
+    shift: float
+    label_dropout: float
+    null_label: int
+    grad_accum: int
+    ema_decay: float
+
+    @classmethod
+    def from_config(cls, cfg, mcfg: DiTDHConfig) -> StepOptions:
+        t = cfg.train
+        return cls(source=cfg.source, mode_conditional=bool(cfg.mode_conditional),
+                   assignment=cfg.gmm.assignment, time_dist=t.time_dist,
+                   time_mu=float(t.time_mu), time_sigma=float(t.time_sigma),
+                   shift=time_shift(cfg),
+                   label_dropout=float(t.label_dropout) if cfg.mode_conditional else 0.0,
+                   null_label=mcfg.null_label, grad_accum=int(t.grad_accum),
+                   ema_decay=float(t.ema_decay))
+
+
+def _unit_images(images: jax.Array) -> jax.Array:
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+def flow_batch(opts: StepOptions, key: jax.Array, x1: jax.Array, cls: jax.Array, mixtures):
+    """(x_t, shifted t, model labels y, target) for data latents x1 and their CLS tokens.
+
+    The source uses the drawn mode even when its label is dropped (upstream drops labels
+    inside the model, after the coupling)."""
+    k_mode, k_src, k_time, k_drop = jax.random.split(key, 4)
+    b = x1.shape[0]
+    if opts.source == "gmm":
+        cls_mix, spatial = mixtures
+        modes = cls_mix.assign(k_mode, cls, mode=opts.assignment)
+        x0 = spatial.sample(k_src, modes)
+    else:
+        modes = jnp.full((b,), opts.null_label, jnp.int32)
+        x0 = jax.random.normal(k_src, x1.shape, jnp.float32)
+    t = flow.sample_time(k_time, b, dist=opts.time_dist, mu=opts.time_mu,
+                         sigma=opts.time_sigma)
+    t = flow.shift_time(t, opts.shift)
+    x_t, target = flow.interpolate(t, x0, x1)
+    if opts.mode_conditional:
+        y = flow.drop_labels(k_drop, modes, opts.label_dropout, opts.null_label)
+    else:
+        y = jnp.full((b,), opts.null_label, jnp.int32)
+    return x_t, t, y, target
+
+
+def _micro_batches(tree, n: int, mesh):
+    """(B, ...) -> (n, B/n, ...) with micro-batch j = rows j, j+n, ...: every device keeps
+    its own rows, so no data moves."""
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        spec = PartitionSpec(None, parallel.BATCH_AXES, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.tree.map(split, tree)
+
+
+def make_train_step(parts: ModelParts, encoder_graphdef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, opts: StepOptions, mesh,
+                    shardings: TrainState) -> Callable:
+    """`step(state, encoder_state, mixtures, batch) -> (state, metrics)`, jitted on `mesh`
+    with the state donated; metrics are replicated scalars (loss, grad_norm, param_norm,
+    lr)."""
+
+    def loss_fn(params, frozen, encoder_state, mixtures, batch, key):
+        if "latents" in batch:  # latent cache: the encode already happened offline
+            x1 = batch["latents"].astype(jnp.float32)
+            cls = batch["cls"].astype(jnp.float32)
+        else:
+            encoder = nnx.merge(encoder_graphdef, encoder_state)
+            x1, cls = encoder.encode(_unit_images(batch["image"]))
+            x1 = jax.lax.stop_gradient(x1.astype(jnp.float32))
+            cls = jax.lax.stop_gradient(cls)
+        x_t, t, y, target = flow_batch(opts, key, x1, cls, mixtures)
+        pred = parts.merge(params, frozen)(x_t, t, y)
+        return jnp.mean(flow.per_sample_loss(pred, target))
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state: TrainState, encoder_state, mixtures, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        batch = {k: v for k, v in batch.items() if k in ("image", "latents", "cls")}
+        if opts.grad_accum == 1:
+            loss, grads = grad_fn(state.params, state.frozen, encoder_state, mixtures, batch,
+                                  key)
+        else:
+            def body(carry, xs):
+                index, micro = xs
+                l, g = grad_fn(state.params, state.frozen, encoder_state, mixtures, micro,
+                               jax.random.fold_in(key, index))
+                return (carry[0] + l, jax.tree.map(jnp.add, carry[1], g)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            xs = (jnp.arange(opts.grad_accum), _micro_batches(batch, opts.grad_accum, mesh))
+            (loss, grads), _ = jax.lax.scan(body, zeros, xs)
+            loss = loss / opts.grad_accum
+            grads = jax.tree.map(lambda g: g / opts.grad_accum, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = jnp.float32(opts.ema_decay)
+        ema = jax.tree.map(lambda e, p: e * d + (1.0 - d) * p, state.ema, params)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+                   "lr": jnp.asarray(schedule(state.step), jnp.float32)}
+        new = TrainState(params=params, frozen=state.frozen, ema=ema, opt_state=opt_state,
+                         step=state.step + 1, rng=state.rng)
+        return new, metrics
+
+    rep = parallel.replicated(mesh)
+    return jax.jit(step, donate_argnums=(0,),
+                   out_shardings=(shardings, {k: rep for k in
+                                              ("loss", "grad_norm", "param_norm", "lr")}))
+
+
+# ------------------------------------------------------------------------------- trainer
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything one run compiles and carries: config, mesh, model parts, shardings,
+    optimizer, encoder state, mixtures and the compiled step."""
+
+    cfg: Any
+    mesh: Any
+    mcfg: DiTDHConfig
+    parts: ModelParts
+    shardings: TrainState
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    encoder: Any
+    encoder_state: Any
+    mixtures: Any
+    step_fn: Callable
+
+    @classmethod
+    def create(cls, cfg, workdir: str, mesh) -> Trainer:
+        check_config(cfg)
+        mcfg = model_config(cfg)
+        tx, schedule = make_optimizer(cfg.train)
+        parts, shardings = _state_shardings(mcfg, tx, mesh)
+        encoder = make_encoder(cfg, mesh)
+        enc_graphdef, enc_state = nnx.split(encoder)
+        enc_state = _replicate_unplaced(enc_state, mesh)
+        mixtures = load_mixtures(cfg, workdir, mesh)
+        opts = StepOptions.from_config(cfg, mcfg)
+        step_fn = make_train_step(parts, enc_graphdef, tx, schedule, opts, mesh, shardings)
+        return cls(cfg, mesh, mcfg, parts, shardings, tx, schedule, encoder, enc_state,
+                   mixtures, step_fn)
+
+    def init(self) -> TrainState:
+        return init_state(self.mcfg, self.tx, self.shardings, int(self.cfg.seed))
+
+    def abstract(self) -> TrainState:
+        shapes = jax.eval_shape(functools.partial(_init_shapes, self.mcfg, self.tx,
+                                                  int(self.cfg.seed)))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.shardings)
+
+    def step(self, state: TrainState, host_batch) -> tuple[TrainState, dict]:
+        batch = parallel.host_to_global(host_batch, self.mesh)
+        return self.step_fn(state, self.encoder_state, self.mixtures, batch)
+
+    def ema_model(self, state: TrainState) -> DiTDH:
+        return self.parts.merge(state.ema, state.frozen)
+
+
+def _replicate_unplaced(tree, mesh):
+    """Leaves not already on `mesh` become replicated there (the encoder's frozen state)."""
+    rep = parallel.replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh:
+            return x
+        return jax.device_put(x, rep)
+    return jax.tree.map(put, tree)
+
+
+def peak_tflops(cfg) -> float | None:
+    """Per-device dense peak for MFU: config.train.peak_tflops, or the device-kind table
+    (None on CPU and unknown devices)."""
+    if cfg.train.peak_tflops > 0:
+        return float(cfg.train.peak_tflops)
+    kind = jax.devices()[0].device_kind
+    for name, value in PEAK_TFLOPS:
+        if name.lower() in kind.lower():
+            return value
+    return None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    preempted: bool
+    last_metrics: dict
+
+
+class _Logger:
+    """Collects per-step device metrics without syncing; `flush` fetches them, runs the
+    NaN guard, and writes averaged records with throughput."""
+
+    def __init__(self, cfg, workdir: str, flops_per_sample: int, start: int):
+        self.cfg = cfg
+        self.writer = MetricWriter(workdir)
+        self.pending: list[tuple[int, dict]] = []
+        self.window: list[dict] = []
+        self.flops = flops_per_sample
+        self.peak = peak_tflops(cfg)
+        self.t_last, self.step_last = time.perf_counter(), start
+        self.progress = Progress(int(cfg.train.num_steps), "train", "steps", start=start)
+        self.last: dict = {}
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def check(self, last_checkpoint: int | None) -> None:
+        """Fetch the pending metrics and raise NonFiniteError on the first bad step."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        records = jax.device_get([m for _, m in self.pending])
+        self.pending = []
+        records = [{k: float(v) for k, v in r.items()} for r in records]
+        check_finite(steps, records, last_checkpoint)
+        self.window.extend(records)
+        self.progress.update(len(records), extra=f"loss {records[-1]['loss']:.4f}")
+
+    def write(self, step: int) -> None:
+        if not self.window:
+            return
+        now = time.perf_counter()
+        steps_per_sec = (step - self.step_last) / max(now - self.t_last, 1e-9)
+        images_per_sec = steps_per_sec * self.cfg.train.batch_size
+        tflops = 3.0 * self.flops * images_per_sec / jax.device_count() / 1e12
+        rec = {k: float(np.mean([r[k] for r in self.window])) for k in ("loss", "grad_norm",
+                                                                         "param_norm")}
+        rec.update(lr=self.window[-1]["lr"], steps_per_sec=steps_per_sec,
+                   images_per_sec=images_per_sec, tflops_per_device=tflops,
+                   mfu=tflops / self.peak if self.peak else None)
+        self.writer.write(step, rec)
+        self.writer.flush()
+        self.last = rec
+        self.window = []
+        self.t_last, self.step_last = now, step
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _data_iterator(cfg):
+    from mmfm_jax import data
+    loader = data.make_train_loader(cfg.data, global_batch=int(cfg.train.batch_size),
+                                    seed=int(cfg.seed))
+    return iter(loader)
+
+
+def train(cfg, workdir: str, mesh, *,
+          callbacks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+    """Train (or resume) under `workdir` until config.train.num_steps.
+
+    Resumes from the latest checkpoint in `<workdir>/checkpoints` (state and data position).
+    Saves every ckpt_every steps, at the end, and on SIGTERM (then returns preempted=True).
+    `callbacks` run on the host after each step is dispatched (with its step number).
+    """
+    trainer = Trainer.create(cfg, workdir, mesh)
+    t = cfg.train
+    data_iter = _data_iterator(cfg)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(t.ckpt_keep),
+                        keep_period=int(t.ckpt_keep_period))
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, trainer.abstract(), data_iter)
+        logging.info("resuming from step %d", latest)
+    else:
+        state = trainer.init()
+    start = int(jax.device_get(state.step))
+    logger = _Logger(cfg, workdir, trainer.mcfg.flops_per_sample(), start)
+    last_saved = latest
+    step = start
+    preempted = False
+    try:
+        with PreemptionGuard() as guard:
+            for step in range(start + 1, int(t.num_steps) + 1):
+                state, metrics = trainer.step(state, next(data_iter))
+                logger.add(step, metrics)
+                for callback in callbacks:
+                    callback(step)
+                preempted = guard.should_stop(step)
+                final = step == int(t.num_steps)
+                save = final or preempted or (t.ckpt_every > 0 and step % t.ckpt_every == 0)
+                if save or step % t.log_every == 0:
+                    logger.check(last_saved)
+                    logger.write(step)
+                if save:
+                    ckpt.save(step, state, data_iter)
+                    last_saved = step
+                if t.sample_every > 0 and step % t.sample_every == 0:
+                    write_sample_grid(cfg, trainer, state, workdir, step)
+                if preempted:
+                    logging.warning("preempted at step %d: checkpoint saved, exiting", step)
+                    break
+        if step == int(t.num_steps) and not preempted and jax.process_index() == 0:
+            ckpt.wait()
+            export_ema(trainer.ema_model(state), os.path.join(workdir, "export"), step)
+    finally:
+        ckpt.close()
+        logger.close()
+    return TrainResult(step=step, preempted=preempted, last_metrics=logger.last)
+
+
+def write_sample_grid(cfg, trainer: Trainer, state: TrainState, workdir: str, step: int,
+                      num_images: int = 64) -> str:
+    """A PNG grid of EMA samples (the sampling job's program) at `step`."""
+    from etils import epath
+
+    from mmfm_jax import sample_job
+    model = trainer.ema_model(state)
+    spec = sample_job.spec_from_config(cfg, model)
+    n = -(-num_images // parallel.num_batch_shards(trainer.mesh)) * parallel.num_batch_shards(
+        trainer.mesh)
+    sampler = sample_job.Sampler(model, trainer.mesh, spec, batch_size=n,
+                                 mixture=None if trainer.mixtures is None
+                                 else trainer.mixtures[1],
+                                 decode_fn=trainer.encoder.decode)
+    _, images, _ = sampler(0)
+    out = epath.Path(workdir) / "samples" / f"train_grid_{step:07d}.png"
+    if jax.process_index() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sample_job.write_grid(images[:num_images], out)
+    return str(out)
+
+
+# ------------------------------------------------------------------------------- exports
+
+def export_ema(model: DiTDH, out_dir: str, step: int) -> str:
+    """The EMA weights in the upstream PyTorch state-dict layout: `ema_{step}.pt` (a raw
+    state dict, which RAE's and MM-FM's loaders accept) when torch is installed, else
+    `ema_{step}.safetensors` with the same keys."""
+    state_dict = export_torch_state_dict(model)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        import torch
+    except ImportError:
+        from safetensors.numpy import save_file
+        path = os.path.join(out_dir, f"ema_{step:07d}.safetensors")
+        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path + ".tmp")
+    else:
+        path = os.path.join(out_dir, f"ema_{step:07d}.pt")
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                    state_dict.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    logging.info("exported the EMA weights (upstream layout) to %s", path)
+    return path
+
+
+def load_ema_model(cfg, workdir: str, mesh) -> DiTDH:
+    """The EMA model of the latest checkpoint under `workdir`, sharded over `mesh`, with
+    config.sample.compute_dtype."""
+    mcfg = model_config(cfg)
+    tx, _ = make_optimizer(cfg.train)
+    parts, shardings = _state_shardings(mcfg, tx, mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.train.ckpt_keep),
+                        keep_period=int(cfg.train.ckpt_keep_period))
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to sample from; train "
+                                    "first or set config.sample.model_path")
+        shapes = jax.eval_shape(functools.partial(_init_shapes, mcfg, tx, int(cfg.seed)))
+        target = {"ema": shapes.ema, "frozen": shapes.frozen}
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              target, {"ema": shardings.ema, "frozen": shardings.frozen})
+        restored = ckpt.restore_subset(step, target)
+    finally:
+        ckpt.close()
+    if cfg.sample.compute_dtype != mcfg.compute_dtype:
+        mcfg = dataclasses.replace(mcfg, compute_dtype=cfg.sample.compute_dtype)
+        parts, _ = _state_shardings(mcfg, tx, mesh)
+    logging.info("loaded the EMA model of step %d from %s", step, ckpt.directory)
+    return parts.merge(restored["ema"], restored["frozen"])
+
+
+# -------------------------------------------------------------------------------- stages
+
+def fit_gmm_stage(cfg, workdir: str, mesh) -> None:
+    """`--stage=fit_gmm`: encode the data in order (centre crops at the encoder size, no
+    flip), fit the CLS mixture, then the spatial pass; writes `<workdir>/gmm`."""
+    if cfg.source != "gmm":
+        logging.info("fit_gmm: source %r needs no mixture; nothing to do", cfg.source)
+        return
+    from mmfm_jax import data, gmm
+    if cfg.data.kind == "latent_cache":
+        raise config_lib.ConfigError("--stage=fit_gmm reads images; config.data.kind="
+                                     "'latent_cache' has none (fit on the image data, or pass "
+                                     "config.gmm.path)")
+    encoder = make_encoder(cfg, mesh)
+    graphdef, enc_state = nnx.split(encoder)
+    enc_state = _replicate_unplaced(enc_state, mesh)
+    encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(_unit_images(x)))
+    image_size = (encoder.cfg.encoder.input_size if cfg.rae.kind == "dinov2"
+                  else cfg.data.image_size)
+    shards = parallel.num_batch_shards(mesh)
+    batch = -(-int(cfg.gmm.encode_batch_size) // shards) * shards
+
+    def batches():
+        loader = data.make_eval_loader(cfg.data, global_batch=batch, image_size=image_size)
+        for host in loader:
+            images = parallel.host_to_global(host["image"], mesh)
+            latents, cls = parallel.global_to_host(encode(enc_state, images))
+            mask = np.asarray(host["mask"], bool)
+            yield latents[mask], cls[mask]
+
+    gmm.fit_from_batches(batches, cfg, mesh, gmm_dir(cfg, workdir), log_fn=logging.info)
+
+
+def train_stage(cfg, workdir: str, mesh) -> TrainResult:
+    """`--stage=train`; a SIGTERM ends the process (exit 143) once its checkpoint is saved."""
+    result = train(cfg, workdir, mesh)
+    if result.preempted:
+        raise SystemExit(143)
+    return result
