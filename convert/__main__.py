@@ -16,7 +16,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = [c for c in COMMANDS if c in argv[:1]]  # import only the chosen converter
     for name, module_name in COMMANDS.items():
+        if chosen and name not in chosen:
+            sub.add_parser(name)
+            continue
         module = importlib.import_module(module_name)
         modules[name] = module
         p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],

@@ -7,6 +7,10 @@
   `layernorm.*` (RAE's encoder LayerNorm has no affine) and the unused `mask_token` are
   dropped; every other key must be consumed. The 2-D position table is resized to the
   encoder grid here, once (torch bicubic with antialias), instead of on every forward.
+  A ViT-MAE folder (`model_type` vit_mae, e.g. facebook/vit-mae-base) is accepted too:
+  `vit.` prefixes are removed, the MAE pixel decoder (`decoder.*`) and the final
+  `layernorm.*` are dropped (assumed affine-free as for DINOv2), and the table is
+  resized as ViTMAE does (bicubic, no antialias).
 * FILE.pt (decoder) is a raw `GeneralDecoder` state dict, or a full stage-1 RAE state
   dict whose decoder keys carry a `decoder.` prefix (its `encoder.` keys are skipped:
   the encoder comes from HF_DIR). Matching is strict, unlike upstream's strict=False.
@@ -38,7 +42,7 @@ from convert.common import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ENCODER_DROPPED = ("layernorm.weight", "layernorm.bias", "embeddings.mask_token")
+FINAL_NORM = ("layernorm.weight", "layernorm.bias")  # RAE's final LN has no affine
 # (width, layers, mlp) -> heads of released RAE decoders whose config is not at hand.
 KNOWN_DECODER_HEADS = {(1152, 28, 4096): 16}  # ViTXL_n08 (REFERENCE.md b.3)
 
@@ -174,41 +178,69 @@ def _block(kc: KeyConsumer, out: dict, src: str, dst: str, d: int, mlp: int, *,
     _linear(kc, out, f"{src}.{names['fc2']}", f"{dst}/fc2", mlp, d)
 
 
-def encoder_config(hf: Mapping, grid_size: tuple[int, int], source: str):
-    """Dinov2Config from an HF Dinov2WithRegistersConfig dict; refuses variants the port
-    does not implement (SwiGLU, other activations, no qkv bias)."""
-    from mmfm_jax.models.dinov2 import Dinov2Config
-
-    checks = {"model_type": "dinov2_with_registers", "hidden_act": "gelu",
-              "use_swiglu_ffn": False, "qkv_bias": True}
+def _check_fields(hf: Mapping, checks: Mapping, source: str) -> None:
     for key, want in checks.items():
         if hf.get(key, want) != want:
             raise ConversionError(f"{source}: {key} = {hf.get(key)!r}, expected {want!r}")
+
+
+def encoder_config(hf: Mapping, grid_size: tuple[int, int], source: str):
+    """Dinov2Config from an HF Dinov2WithRegistersConfig or ViTMAEConfig dict; refuses
+    variants the port does not implement (SwiGLU, other activations, no qkv bias)."""
+    from mmfm_jax.models.dinov2 import Dinov2Config
+
+    model_type = hf.get("model_type")
+    _check_fields(hf, {"hidden_act": "gelu", "qkv_bias": True}, source)
     try:
         d = int(hf["hidden_size"])
-        return Dinov2Config(
-            hidden_size=d, num_layers=int(hf["num_hidden_layers"]),
-            num_heads=int(hf["num_attention_heads"]),
-            mlp_dim=int(d * float(hf.get("mlp_ratio", 4.0))),
-            patch_size=int(hf["patch_size"]),
-            num_registers=int(hf.get("num_register_tokens", 4)),
-            grid_size=tuple(grid_size), num_channels=int(hf.get("num_channels", 3)),
-            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)))
+        common = dict(hidden_size=d, num_layers=int(hf["num_hidden_layers"]),
+                      num_heads=int(hf["num_attention_heads"]),
+                      patch_size=int(hf["patch_size"]), grid_size=tuple(grid_size),
+                      num_channels=int(hf.get("num_channels", 3)))
+        if model_type == "dinov2_with_registers":
+            _check_fields(hf, {"use_swiglu_ffn": False}, source)
+            return Dinov2Config(**common, mlp_dim=int(d * float(hf.get("mlp_ratio", 4.0))),
+                                num_registers=int(hf.get("num_register_tokens", 4)),
+                                layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)))
+        if model_type == "vit_mae":
+            return Dinov2Config(**common, mlp_dim=int(hf["intermediate_size"]),
+                                num_registers=0, layer_scale=False,
+                                layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)))
     except KeyError as e:
         raise ConversionError(f"{source}: missing field {e.args[0]!r}") from None
+    raise ConversionError(f"{source}: model_type {model_type!r}; expected "
+                          "'dinov2_with_registers' or 'vit_mae'")
 
 
-def map_encoder(state: Mapping[str, np.ndarray], cfg, source: str) -> dict[str, np.ndarray]:
+def split_encoder_state(hf: Mapping, state: Mapping[str, np.ndarray]
+                        ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Remove ViTMAEForPreTraining's `vit.` prefix; returns (state, keys to drop)."""
+    state = dict(state)
+    if hf.get("model_type") == "vit_mae" and any(k.startswith("vit.") for k in state):
+        state = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()}
+    dropped = [k for k in FINAL_NORM if k in state]
+    if hf.get("model_type") == "vit_mae":
+        dropped += [k for k in state if k.startswith("decoder.")]
+    else:
+        dropped += [k for k in ("embeddings.mask_token",) if k in state]
+    return state, dropped
+
+
+def map_encoder(state: Mapping[str, np.ndarray], cfg, source: str, *,
+                dropped: tuple[str, ...] | list[str] = (), antialias: bool = True
+                ) -> dict[str, np.ndarray]:
     """HF keys -> {"encoder/...": array}; the 2-D position table is resized to the
-    encoder grid (torch bicubic, antialias). Strict, except the explicitly dropped keys."""
-    from mmfm_jax.resize import resize_bicubic_antialias_np
+    encoder grid (torch bicubic, with antialias for DINOv2, without for ViT-MAE).
+    Strict, except the explicitly dropped keys."""
+    from mmfm_jax.resize import resize_bicubic_antialias_np, resize_bicubic_np
 
-    kc = KeyConsumer(state, source, ignore=ENCODER_DROPPED)
+    kc = KeyConsumer(state, source, ignore=tuple(dropped))
     d, p, c, r = cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_registers
     out: dict[str, np.ndarray] = {}
     _put(kc, out, "embeddings.cls_token", (1, 1, d), "cls_token", lambda x: x.reshape(d))
-    _put(kc, out, "embeddings.register_tokens", (1, r, d), "register_tokens",
-         lambda x: x.reshape(r, d))
+    if r:
+        _put(kc, out, "embeddings.register_tokens", (1, r, d), "register_tokens",
+             lambda x: x.reshape(r, d))
     _put(kc, out, "embeddings.patch_embeddings.projection.weight", (d, c, p, p),
          "patch_kernel", lambda w: w.transpose(2, 3, 1, 0))  # OIHW -> HWIO
     _put(kc, out, "embeddings.patch_embeddings.projection.bias", (d,), "patch_bias")
@@ -219,15 +251,20 @@ def map_encoder(state: Mapping[str, np.ndarray], cfg, source: str) -> dict[str, 
             kc.misshaped.append(f"embeddings.position_embeddings: shape {tuple(pos.shape)}, "
                                 f"expected (1, 1 + n*n, {d})")
         else:
-            grid = resize_bicubic_antialias_np(pos[0, 1:].reshape(side, side, d),
-                                               cfg.grid_size)
+            resize = resize_bicubic_antialias_np if antialias else resize_bicubic_np
+            grid = resize(pos[0, 1:].reshape(side, side, d), cfg.grid_size)
             out["pos_embed"] = np.concatenate([pos[0, :1], grid.reshape(-1, d)], axis=0)
-    names = {"norm1": "norm1", "norm2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    if cfg.layer_scale:
+        names = {"norm1": "norm1", "norm2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    else:
+        names = {"norm1": "layernorm_before", "norm2": "layernorm_after",
+                 "fc1": "intermediate.dense", "fc2": "output.dense"}
     for layer in range(cfg.num_layers):
         src, dst = f"encoder.layer.{layer}", f"layers/{layer}"
         _block(kc, out, src, dst, d, cfg.mlp_dim, names=names)
-        _put(kc, out, f"{src}.layer_scale1.lambda1", (d,), f"{dst}/ls1")
-        _put(kc, out, f"{src}.layer_scale2.lambda1", (d,), f"{dst}/ls2")
+        if cfg.layer_scale:
+            _put(kc, out, f"{src}.layer_scale1.lambda1", (d,), f"{dst}/ls1")
+            _put(kc, out, f"{src}.layer_scale2.lambda1", (d,), f"{dst}/ls2")
     kc.finish()
     return {f"encoder/{k}": v for k, v in out.items()}
 
@@ -338,7 +375,8 @@ def build(hf_config: Mapping, encoder_state: Mapping[str, np.ndarray],
           preprocessor: Mapping | None = None, decoder_upstream: Mapping | None = None,
           decoder_heads: int | None = None, encoder_input_size: int | None = None,
           eps: float = 1e-5, sources: Mapping[str, str] | None = None):
-    """The whole mapping, without touching files: returns (RAEConfig, {name: array}).
+    """The whole mapping, without touching files: returns (RAEConfig, {name: array},
+    dropped encoder keys).
 
     Arrays are only transposed or reshaped (views) apart from the position-table resize,
     so shape-only placeholders (e.g. zero-strided arrays) check the mapping cheaply.
@@ -357,6 +395,7 @@ def build(hf_config: Mapping, encoder_state: Mapping[str, np.ndarray],
                                   f"{encoder_input_size // patch}-token grid, but the decoder "
                                   f"expects {grid[0]} (patch {patch})")
     enc_cfg = encoder_config(hf_config, grid, src["encoder"])
+    encoder_state, dropped = split_encoder_state(hf_config, encoder_state)
     if enc_cfg.hidden_size != dec_cfg.in_dim:
         raise ConversionError(f"{src['decoder']}: decoder_embed takes {dec_cfg.in_dim} "
                               f"channels, but the encoder width is {enc_cfg.hidden_size}")
@@ -365,14 +404,15 @@ def build(hf_config: Mapping, encoder_state: Mapping[str, np.ndarray],
                     image_mean=tuple(float(v) for v in pre.get("image_mean", IMAGENET_MEAN)),
                     image_std=tuple(float(v) for v in pre.get("image_std", IMAGENET_STD)),
                     latent_eps=float(eps), has_latent_mean=stats.get("mean") is not None)
-    arrays = {**map_encoder(encoder_state, enc_cfg, src["encoder"]),
+    arrays = {**map_encoder(encoder_state, enc_cfg, src["encoder"], dropped=dropped,
+                            antialias=hf_config.get("model_type") != "vit_mae"),
               **map_decoder(decoder_state, dec_cfg, src["decoder"]),
               **map_stats(stats, enc_cfg.hidden_size, grid, src["stats"])}
     try:
         check_arrays(cfg, arrays, "converted RAE")
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    return cfg, arrays
+    return cfg, arrays, dropped
 
 
 # --------------------------------------------------------------------------- command
@@ -390,22 +430,22 @@ def run(args) -> None:
     dec_state, skipped = split_decoder_state(raw, args.decoder)
     stats = read_stats(args.stats)
     upstream = _read_json(args.decoder_config) if args.decoder_config else None
-    cfg, arrays = build(
+    cfg, arrays, dropped = build(
         hf_config, enc_state, dec_state, stats, preprocessor=pre, decoder_upstream=upstream,
         decoder_heads=args.decoder_heads, encoder_input_size=args.encoder_input_size,
         eps=args.eps, sources={"encoder": args.encoder, "decoder": args.decoder,
                                "stats": args.stats,
                                "decoder_config": args.decoder_config or ""})
-    dropped = [k for k in ENCODER_DROPPED if k in enc_state]
     enc, dec = cfg.encoder, cfg.decoder
     lines = [
         f"read {args.encoder}: {len(enc_state)} tensors, {_count(enc_state):,} values; "
         f"width {enc.hidden_size}, {enc.num_layers} layers, {enc.num_heads} heads, "
         f"MLP {enc.mlp_dim}, patch {enc.patch_size}, {enc.num_registers} registers; "
-        f"dropped {', '.join(dropped) or 'nothing'}; image mean {cfg.image_mean} std "
+        f"dropped {_summary(dropped)}; image mean {cfg.image_mean} std "
         f"{cfg.image_std}" + ("" if pre else " (no preprocessor_config.json: ImageNet)"),
         f"  position table resized to {enc.grid_size[0]}x{enc.grid_size[1]} for "
-        f"{enc.input_size[0]}x{enc.input_size[1]} input (bicubic, antialias)",
+        f"{enc.input_size[0]}x{enc.input_size[1]} input (bicubic"
+        f"{', antialias' if hf_config.get('model_type') != 'vit_mae' else ''})",
         f"read {args.decoder}: {len(dec_state)} tensors, {_count(dec_state):,} values; "
         f"width {dec.hidden_size}, {dec.num_layers} layers, {dec.num_heads} heads, MLP "
         f"{dec.mlp_dim}, patch {dec.patch_size}, output {dec.image_size[0]}x"
@@ -420,6 +460,12 @@ def run(args) -> None:
     lines.append(f"wrote {args.out}: {len(arrays)} arrays, {_count(arrays):,} values, "
                  "config.json + weights.safetensors")
     report(lines)
+
+
+def _summary(keys: list[str]) -> str:
+    if len(keys) > 6:
+        return f"{', '.join(keys[:6])} and {len(keys) - 6} more"
+    return ", ".join(keys) or "nothing"
 
 
 def _as_state(obj, source: str) -> Mapping:

@@ -272,24 +272,28 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str) -> 
         return float(np.trace(covmean))
     if method != "eigh":
         raise ValueError(f"method {method!r}, expected 'eigh' or 'sqrtm'")
-    # The eigenvalues of S1 S2 are those of the symmetric PSD L^T S2 L, for any factor
-    # S1 = L L^T: Cholesky when one covariance is definite (a reference over many
-    # images), else the eigendecomposition square root (clipped at 0).
     try:
-        for first, second in ((sigma2, sigma1), (sigma1, sigma2)):
-            try:
-                factor = np.linalg.cholesky(first)
-                break
-            except np.linalg.LinAlgError:
-                continue
-        else:
-            w1, v1 = np.linalg.eigh(sigma1)
-            factor, second = v1 * np.sqrt(np.clip(w1, 0.0, None)), sigma2
-        m = factor.T @ second @ factor
+        factor, other = _factor(sigma1, sigma2)
+        m = factor.T @ other @ factor
         w = np.linalg.eigvalsh((m + m.T) / 2)
     except np.linalg.LinAlgError:
         return float("nan")
     return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+
+
+def _factor(sigma1: np.ndarray, sigma2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L, S) with L L^T one covariance and S the other: the eigenvalues of S1 S2 are those
+    of the symmetric PSD L^T S L. Cholesky when one is definite (a reference over many
+    images), else V sqrt(W) over the eigenvalues above the numerical rank threshold (a
+    small L^T S L when there are few samples)."""
+    for first, second in ((sigma2, sigma1), (sigma1, sigma2)):
+        try:
+            return np.linalg.cholesky(first), second
+        except np.linalg.LinAlgError:
+            continue
+    w1, v1 = np.linalg.eigh(sigma1)
+    keep = w1 > w1.max() * len(w1) * np.finfo(np.float64).eps
+    return v1[:, keep] * np.sqrt(w1[keep]), sigma2
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6,
@@ -297,8 +301,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6,
     """||mu1 - mu2||^2 + Tr S1 + Tr S2 - 2 Tr sqrt(S1 S2), in float64, not clamped.
 
     `method="eigh"` takes the trace from the eigenvalues of L^T S2 L with S1 = L L^T
-    (Cholesky, or V sqrt(W) from eigh when both are singular), clipped at 0; `"sqrtm"` is ADM's scipy.linalg.sqrtm. As in ADM, a non-finite trace is retried
-    with eps * I added to both covariances.
+    (Cholesky, or V sqrt(W) from eigh when both are singular), clipped at 0; `"sqrtm"` is
+    ADM's scipy.linalg.sqrtm. As in ADM, a non-finite trace is retried with eps * I added
+    to both covariances.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2,
                                                                                     np.float64))

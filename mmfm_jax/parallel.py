@@ -184,8 +184,9 @@ def initialize_distributed(coordinator_address: str | None = None,
     tpu_pod = env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
     if not tpu_pod and (num_processes is None or num_processes <= 1):
         return False
-    if jax.default_backend() == "cpu" or env.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process CPU collectives (only the CPU client reads this). Asking for the backend
+    # here would initialise it before jax.distributed, which JAX refuses.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if not tpu_pod:
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from mmfm_jax import parallel
-from mmfm_jax.models.dinov2 import Buffer, Dinov2Config, Dinov2Encoder
+from mmfm_jax.models.dinov2 import Buffer, Dinov2Config, Dinov2Encoder, KeySeq
 from mmfm_jax.models.rae_decoder import DecoderConfig, RAEDecoder
 from mmfm_jax.resize import resize_bicubic
 
@@ -76,8 +76,9 @@ class RAE(nnx.Module):
     def __init__(self, cfg: RAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         cfg.validate()
         self.cfg = cfg
-        self.encoder = Dinov2Encoder(cfg.encoder, rngs=rngs, dtype=dtype)
-        self.decoder = RAEDecoder(cfg.decoder, rngs=rngs, dtype=dtype)
+        keys = KeySeq(rngs.params())
+        self.encoder = Dinov2Encoder(cfg.encoder, keys=keys, dtype=dtype)
+        self.decoder = RAEDecoder(cfg.decoder, keys=keys, dtype=dtype)
         shape = (*cfg.encoder.grid_size, cfg.encoder.hidden_size)
         self.latent_var = Buffer(jnp.ones(shape))
         self.latent_mean = Buffer(jnp.zeros(shape)) if cfg.has_latent_mean else None
@@ -140,8 +141,13 @@ def abstract_rae(cfg: RAEConfig, dtype=jnp.float32) -> RAE:
 
 def expected_shapes(cfg: RAEConfig) -> dict[str, tuple[int, ...]]:
     """{"encoder/layers/0/attn/query/kernel": shape, ...}: every array a directory holds."""
+    return dict(_expected_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_shapes(cfg: RAEConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     _, state = nnx.split(abstract_rae(cfg))
-    return {_path_str(path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+    return tuple((_path_str(path), tuple(v.shape)) for path, v in nnx.to_flat_state(state))
 
 
 def check_arrays(cfg: RAEConfig, arrays: Mapping[str, np.ndarray], source: str) -> None:

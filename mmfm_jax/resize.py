@@ -7,9 +7,10 @@ downscale), so the RAE front end uses these instead:
   align_corners=False, source coordinates and weights in float32, border-clamped taps.
   The filter is separable, so a resize is two small matmuls with weight matrices that
   are computed once on the host.
-* `resize_bicubic_antialias_np` (numpy, NCHW-free): torch's `antialias=True` path
+* `resize_bicubic_antialias_np` (numpy, (H, W, C)): torch's `antialias=True` path
   (A = -0.5, support 2 * scale, normalised weights), used once at conversion time to
-  resize the DINOv2 position-embedding grid.
+  resize the DINOv2 position-embedding grid; `resize_bicubic_np` is the numpy twin of
+  `resize_bicubic` for ViT-MAE's table.
 """
 
 from __future__ import annotations
@@ -112,14 +113,21 @@ def bicubic_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def resize_bicubic_antialias_np(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a (H, W, C) float array like torch bicubic with antialias=True (float32)."""
+def _separable_np(grid: np.ndarray, size: tuple[int, int], matrix) -> np.ndarray:
     grid = np.asarray(grid, np.float32)
     in_h, in_w, _ = grid.shape
     out_h, out_w = size
     if (in_h, in_w) == (out_h, out_w):
         return grid.copy()
-    wy = bicubic_antialias_matrix(in_h, out_h)
-    wx = bicubic_antialias_matrix(in_w, out_w)
-    x = np.einsum("pw,hwc->hpc", wx, grid)  # torch resamples along W first
-    return np.einsum("oh,hpc->opc", wy, x).astype(np.float32)
+    x = np.einsum("pw,hwc->hpc", matrix(in_w, out_w), grid)  # torch resamples W first
+    return np.einsum("oh,hpc->opc", matrix(in_h, out_h), x).astype(np.float32)
+
+
+def resize_bicubic_antialias_np(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (H, W, C) float array like torch bicubic with antialias=True (float32)."""
+    return _separable_np(grid, size, bicubic_antialias_matrix)
+
+
+def resize_bicubic_np(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (H, W, C) float array like torch bicubic without antialias (float32)."""
+    return _separable_np(grid, size, bicubic_matrix)

@@ -170,8 +170,12 @@ class Sampler:
 def _npz_header(path: epath.Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one member of an .npz without reading the data."""
     with path.open("rb") as f, zipfile.ZipFile(f) as zf, zf.open(key + ".npy") as member:
-        version = np.lib.format.read_magic(member)
-        shape, _, dtype = np.lib.format._read_array_header(member, version)
+        fmt = np.lib.format
+        readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+        version = fmt.read_magic(member)
+        if version not in readers:
+            raise ValueError(f"npy format version {version} is not supported")
+        shape, _, dtype = readers[version](member)
     return tuple(shape), np.dtype(dtype)
 
 

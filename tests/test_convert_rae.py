@@ -133,10 +133,11 @@ def test_real_key_lists_map_completely():
     decoder = _placeholders("decoder_vitxl.json")
     assert (len(encoder), len(decoder)) == (224, 456)
     stats = read_stats(fixture_path("real", "dinov2_b_wreg_imagenet256_stat.pt"))
-    cfg, arrays = build(DINOV2_B_WREG_CONFIG, encoder, decoder, stats)
+    cfg, arrays, dropped = build(DINOV2_B_WREG_CONFIG, encoder, decoder, stats)
     assert (cfg.decoder.hidden_size, cfg.decoder.num_layers, cfg.decoder.num_heads,
             cfg.decoder.mlp_dim, cfg.decoder.patch_size) == (1152, 28, 16, 4096, 16)
     assert cfg.encoder.input_size == (224, 224) and not cfg.has_latent_mean
+    assert dropped == ["layernorm.weight", "layernorm.bias", "embeddings.mask_token"]
     assert {k: tuple(v.shape) for k, v in arrays.items()} == expected_shapes(cfg)
     assert len(arrays) == (224 - 3) + 456 + 1
     enc_total = sum(_n(v.shape) for k, v in arrays.items() if k.startswith("encoder/"))
@@ -150,3 +151,54 @@ def test_real_key_lists_map_completely():
     with pytest.raises(ConversionError, match=r"decoder_layers\.27\.attention\.attention"
                                               r"\.key\.weight \(expected shape"):
         build(DINOV2_B_WREG_CONFIG, encoder, decoder, stats)
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    """Fixture-style random weights: LN weights 1 + 0.1 N, the rest 0.05 N."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if "layernorm" in name and name.endswith("weight")
+                    else 0.05 * noise)
+
+
+def test_vit_mae_encoder_matches_transformers(tmp_path):
+    """MAE-B-style encoder (tiny random ViTMAEForPreTraining, saved as an HF folder) in
+    an RAE with the fixture decoder. Assumed, as for DINOv2: RAE's MAE encoder drops the
+    final LayerNorm's affine and keeps the patch tokens in image order (no masking)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, image_size=224, patch_size=16,
+                          mask_ratio=0.0, decoder_hidden_size=16,
+                          decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                          decoder_intermediate_size=32)
+    model = ViTMAEForPreTraining(config).eval()
+    _randomise(model, 0)
+    with torch.no_grad():  # the affine RAE drops, neutral here so torch's output compares
+        model.vit.layernorm.weight.fill_(1.0)
+        model.vit.layernorm.bias.zero_()
+    model.save_pretrained(tmp_path / "mae")
+    out = tmp_path / "rae"
+    assert convert_main(_args(out, extra=["--encoder", str(tmp_path / "mae")])[:2]
+                        + _args(out)[2:] if False else
+                        ["rae", "--encoder", str(tmp_path / "mae"),
+                         *_args(out)[3:]]) == 0
+    rae = load_rae(str(out))
+    assert rae.cfg.encoder.input_size == (256, 256) and rae.encoder.register_tokens is None
+
+    images = np.random.default_rng(3).random((2, 256, 256, 3), dtype=np.float32)
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    x = torch.from_numpy(((images - mean) / std).transpose(0, 3, 1, 2).copy())
+    noise = torch.arange(256, dtype=torch.float32).expand(2, 256)  # identity "shuffle"
+    with torch.no_grad():
+        hidden = model.vit(x, noise=noise, interpolate_pos_encoding=True).last_hidden_state
+    hidden = hidden.numpy()
+    ours = np.asarray(rae.encoder(rae.preprocess(images)))
+    assert np.abs(ours - hidden).max() < 2e-5
+    var = read_stats(fixture_path("rae", "stat.pt"))["var"].transpose(1, 2, 0)
+    latents, cls = rae.encode(images)
+    ref = hidden[:, 1:].reshape(2, 16, 16, 32) / np.sqrt(var + 1e-5)
+    assert np.abs(np.asarray(latents) - ref).max() < 2e-5
+    assert np.abs(np.asarray(cls) - hidden[:, 0]).max() < 1e-5

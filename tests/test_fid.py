@@ -44,6 +44,18 @@ def test_fid_equals_scipy_sqrtm_fid(method):
     assert got == pytest.approx(want, rel=1e-6)
 
 
+def test_fid_of_low_rank_covariances():
+    """Few samples (both covariances singular): the eigh path, against eigvals of S1 S2."""
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((12, 64)), rng.standard_normal((9, 64)) + 0.3
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    eig = np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum()
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-6)
+    assert abs(evaluate.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+
+
 def test_fid_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"sigma2 \(3, 3\)"):
         evaluate.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), np.eye(3))

@@ -167,14 +167,21 @@ def test_evaluate_cli_identical_sets(net, inception_dir, cases, tmp_path, capsys
     assert "FID" in printed.out and "inception samples: 12/12 img" in printed.err
     with open(out) as f:
         result = json.load(f)
-    assert abs(result["fid"]) < 1e-3 and abs(result["sfid"]) < 1e-3
+    assert abs(result["fid"]) < 1e-6 and abs(result["sfid"]) < 1e-6
     assert result["precision"] == 1.0 and result["recall"] == 1.0
     assert result["num_samples"] == 12 and result["reference"] == os.path.abspath(samples)
-    pool3 = net.features(images)["pool3"].astype(np.float64)
-    logits = net.features(images)["logits_unbiased"]
-    assert result["inception_score"] == pytest.approx(evaluate.inception_score(logits), 1e-6)
+    feats = net.features(images)
+    assert result["inception_score"] == pytest.approx(
+        evaluate.inception_score(feats["logits_unbiased"]), rel=1e-6)
 
-    # A reference with moments only: FID against them, no precision/recall or sFID.
+
+@pytest.mark.slow
+def test_evaluate_uses_reference_moments(net, inception_dir, cases, tmp_path):
+    """A reference with moments only: FID against them, no precision/recall or sFID."""
+    images = nchw_to_nhwc(cases["images_nchw_uint8"])
+    images = np.concatenate([images, images[:, ::-1], images[:, :, ::-1]])
+    samples = write_images_npz(tmp_path / "samples.npz", images)
+    pool3 = net.features(images)["pool3"].astype(np.float64)
     ref = str(tmp_path / "ref_moments.npz")
     np.savez(ref, mu=pool3.mean(0) + 0.5, sigma=np.cov(pool3, rowvar=False))
     result = evaluate.evaluate_samples(samples, ref, inception_dir, batch_size=8)

@@ -232,7 +232,7 @@ def kmeans_plusplus_indices(data: _Data, n_clusters: int, seed: int) -> np.ndarr
 
     centre = data.rows(np.array([first]))
     closest, cums, pot = [], [], 0.0
-    for _, rows, x, mask in each_chunk():
+    for _, _, x, mask in each_chunk():
         init = jnp.where(mask > 0, jnp.inf, 0.0).astype(data.dtype)
         d, p = _candidate_distances(centre, x, mask, init)
         closest.append(d[0])

@@ -24,8 +24,8 @@ def fit_from_batches(batches_fn: Callable[[], Iterable[tuple[np.ndarray, np.ndar
     normalised latents, cls (B, D) CLS tokens) over the fit images (224 centre crops, no
     flip; REFERENCE e.1-e.2); it is called once for the CLS tokens and once for the spatial
     pass. cfg is the run config (its `gmm` block) or that block: num_components, max_iter,
-    tol, reg_covar, init, seed, chunk_size (E-step rows per chunk), flip. When `out_dir` already holds the CLS
-    mixture, the EM is skipped and only the spatial pass runs.
+    tol, reg_covar, init, seed, chunk_size (E-step rows per chunk), flip. When `out_dir`
+    already holds the CLS mixture, the EM is skipped and only the spatial pass runs.
     """
     g = cfg.gmm if hasattr(cfg, "gmm") else cfg
     if io.has_cls(out_dir):

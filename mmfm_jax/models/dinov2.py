@@ -6,6 +6,9 @@ are inserted after the position add, and the final LayerNorm has no affine (RAE 
 `layernorm.weight/bias`). Returns the full last hidden state
 [CLS, registers, patches]; `mmfm_jax.rae` picks the tokens it needs.
 
+With `layer_scale=False`, no registers and LN eps 1e-12 the same module is the MAE-B
+encoder (Hugging Face `ViTMAEModel` without masking, tokens in image order).
+
 The pre-LN ViT block here is shared with the RAE decoder (`rae_decoder.py`), which is
 the same block without LayerScale.
 """
@@ -23,35 +26,72 @@ class Buffer(nnx.Variable):
     """A frozen array loaded from a checkpoint (position tables, latent statistics)."""
 
 
-def partitioned(init, names):
-    """Initializer carrying logical axis names (`parallel.LOGICAL_AXIS_RULES`); the
-    arrays are placed on a mesh when loaded (`mmfm_jax.rae.load_rae`), not eagerly."""
-    return nnx.with_partitioning(init, names, eager_sharding=False)
+class KeySeq:
+    """Distinct PRNG keys folded from one key with a Python counter.
+
+    nnx.Rngs keeps a traced counter whose every update, inside `nnx.eval_shape`, costs
+    time linear in the trace so far; building the full-size RAE abstractly (to load a
+    checkpoint) would take tens of seconds. Folding in a Python int avoids that.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key, self.count = key, 0
+
+    def __call__(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
 
 
-def _linear(d_in: int, d_out: int, names, *, rngs: nnx.Rngs, dtype) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-                      kernel_init=partitioned(nnx.initializers.lecun_normal(), names))
+def param(value: jax.Array, names: tuple[str | None, ...] | None = None) -> nnx.Param:
+    """A float32 parameter, optionally carrying logical axis names
+    (`parallel.LOGICAL_AXIS_RULES`); placed on a mesh at load time, not eagerly."""
+    if names is None:
+        return nnx.Param(jnp.asarray(value, jnp.float32))
+    return nnx.Param(jnp.asarray(value, jnp.float32), out_sharding=tuple(names),
+                     eager_sharding=False)
 
 
-def layer_norm(d: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """Affine LayerNorm in float32 with torch's two-pass variance."""
-    return nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, dtype=jnp.float32,
-                         param_dtype=jnp.float32, rngs=rngs)
+class Linear(nnx.Module):
+    """y = x W + b, W (in, out) float32, evaluated in `dtype`."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], *, keys: KeySeq,
+                 dtype=jnp.float32):
+        self.kernel = param(nnx.initializers.lecun_normal()(keys(), (d_in, d_out)), names)
+        self.bias = param(jnp.zeros((d_out,)), names[1:])
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm in float32 with torch's two-pass (biased) variance; optional affine."""
+
+    def __init__(self, d: int, eps: float, *, affine: bool = True):
+        self.eps = eps
+        self.scale = param(jnp.ones((d,))) if affine else None
+        self.bias = param(jnp.zeros((d,))) if affine else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + jnp.float32(self.eps))
+        return y if self.scale is None else y * self.scale[...] + self.bias[...]
 
 
 class Attention(nnx.Module):
     """Multi-head self-attention with separate q/k/v projections (bias), scale hd^-1/2."""
 
-    def __init__(self, d: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, d: int, num_heads: int, *, keys: KeySeq, dtype=jnp.float32):
         if d % num_heads:
             raise ValueError(f"width {d} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.dtype = dtype
-        self.query = _linear(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.key = _linear(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.value = _linear(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.out = _linear(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
+        self.query = Linear(d, d, ("embed", "heads"), keys=keys, dtype=dtype)
+        self.key = Linear(d, d, ("embed", "heads"), keys=keys, dtype=dtype)
+        self.value = Linear(d, d, ("embed", "heads"), keys=keys, dtype=dtype)
+        self.out = Linear(d, d, ("heads", "embed"), keys=keys, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
@@ -69,14 +109,14 @@ class TransformerBlock(nnx.Module):
     """
 
     def __init__(self, d: int, num_heads: int, mlp_dim: int, eps: float, *,
-                 layer_scale: bool, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.norm1 = layer_norm(d, eps, rngs=rngs)
-        self.attn = Attention(d, num_heads, rngs=rngs, dtype=dtype)
-        self.norm2 = layer_norm(d, eps, rngs=rngs)
-        self.fc1 = _linear(d, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.fc2 = _linear(mlp_dim, d, ("mlp", "embed"), rngs=rngs, dtype=dtype)
-        self.ls1 = nnx.Param(jnp.ones((d,))) if layer_scale else None
-        self.ls2 = nnx.Param(jnp.ones((d,))) if layer_scale else None
+                 layer_scale: bool, keys: KeySeq, dtype=jnp.float32):
+        self.norm1 = LayerNorm(d, eps)
+        self.attn = Attention(d, num_heads, keys=keys, dtype=dtype)
+        self.norm2 = LayerNorm(d, eps)
+        self.fc1 = Linear(d, mlp_dim, ("embed", "mlp"), keys=keys, dtype=dtype)
+        self.fc2 = Linear(mlp_dim, d, ("mlp", "embed"), keys=keys, dtype=dtype)
+        self.ls1 = param(jnp.ones((d,)), ("embed",)) if layer_scale else None
+        self.ls2 = param(jnp.ones((d,)), ("embed",)) if layer_scale else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a = self.attn(self.norm1(x)).astype(jnp.float32)
@@ -97,6 +137,7 @@ class Dinov2Config:
     grid_size: tuple[int, int]  # patch tokens per (row, column) at the encoder input size
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
+    layer_scale: bool = True  # DINOv2's LayerScale; MAE has none
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -110,25 +151,24 @@ class Dinov2Config:
 class Dinov2Encoder(nnx.Module):
     """(B, H, W, C) ImageNet-normalised pixels at `input_size` -> (B, 1 + R + N, D)."""
 
-    def __init__(self, cfg: Dinov2Config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: Dinov2Config, *, keys: KeySeq, dtype=jnp.float32):
         d, p = cfg.hidden_size, cfg.patch_size
         self.cfg = cfg
         self.dtype = dtype
-        self.patch_kernel = nnx.Param(
-            partitioned(nnx.initializers.lecun_normal(), (None, None, None, "embed"))(
-                rngs.params(), (p, p, cfg.num_channels, d)))
-        self.patch_bias = nnx.Param(jnp.zeros((d,)))
-        self.cls_token = nnx.Param(jnp.zeros((d,)))
-        self.register_tokens = nnx.Param(jnp.zeros((cfg.num_registers, d)))
-        self.pos_embed = Buffer(jnp.zeros((1 + cfg.num_patches, d)))
+        self.patch_kernel = param(nnx.initializers.lecun_normal()(
+            keys(), (p, p, cfg.num_channels, d)), (None, None, None, "embed"))
+        self.patch_bias = param(jnp.zeros((d,)), ("embed",))
+        self.cls_token = param(0.02 * jax.random.normal(keys(), (d,)), ("embed",))
+        self.register_tokens = (
+            param(0.02 * jax.random.normal(keys(), (cfg.num_registers, d)), (None, "embed"))
+            if cfg.num_registers else None)
+        self.pos_embed = Buffer(0.02 * jax.random.normal(keys(), (1 + cfg.num_patches, d)))
         self.layers = nnx.List([
             TransformerBlock(d, cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps,
-                             layer_scale=True, rngs=rngs, dtype=dtype)
+                             layer_scale=cfg.layer_scale, keys=keys, dtype=dtype)
             for _ in range(cfg.num_layers)])
         # Final LayerNorm without affine (RAE drops the checkpoint's weight and bias).
-        self.norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, use_scale=False,
-                                  use_bias=False, use_fast_variance=False,
-                                  dtype=jnp.float32, rngs=rngs)
+        self.norm = LayerNorm(d, cfg.layer_norm_eps, affine=False)
 
     def embed(self, pixels: jax.Array) -> jax.Array:
         """Patch conv (as a matmul over non-overlapping patches) + CLS/pos + registers."""
@@ -146,6 +186,8 @@ class Dinov2Encoder(nnx.Module):
         x = x + self.patch_bias[...]
         cls = jnp.broadcast_to(self.cls_token[...], (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+        if self.register_tokens is None:
+            return x
         regs = jnp.broadcast_to(self.register_tokens[...],
                                 (b, cfg.num_registers, cfg.hidden_size))
         return jnp.concatenate([x[:, :1], regs, x[:, 1:]], axis=1)

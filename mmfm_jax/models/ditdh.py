@@ -83,6 +83,9 @@ class DiTDHConfig:
             raise ValueError(f"compute_dtype {self.compute_dtype!r}: use float32 or bfloat16")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl {self.attention_impl!r}: use None, xla or cudnn")
+        if self.attention_impl == "cudnn" and self.compute_dtype != "bfloat16":
+            raise ValueError("attention_impl 'cudnn' needs compute_dtype 'bfloat16' (cuDNN "
+                             "flash attention has no float32 kernel)")
 
     @property
     def null_label(self) -> int:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfm_jax.models.dinov2 import Buffer, TransformerBlock, layer_norm, partitioned
+from mmfm_jax.models.dinov2 import Buffer, KeySeq, LayerNorm, Linear, TransformerBlock, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,22 +42,19 @@ class DecoderConfig:
 class RAEDecoder(nnx.Module):
     """(B, h, w, in_dim) de-normalised latents -> (B, h*p, w*p, C) normalised pixels."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: DecoderConfig, *, keys: KeySeq, dtype=jnp.float32):
         d, p = cfg.hidden_size, cfg.patch_size
         self.cfg = cfg
-        self.embed = nnx.Linear(
-            cfg.in_dim, d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-            kernel_init=partitioned(nnx.initializers.lecun_normal(), ("channels", "embed")))
-        self.cls_token = nnx.Param(jnp.zeros((d,)))
+        self.embed = Linear(cfg.in_dim, d, ("channels", "embed"), keys=keys, dtype=dtype)
+        self.cls_token = param(0.02 * jax.random.normal(keys(), (d,)), ("embed",))
         self.pos_embed = Buffer(jnp.zeros((1 + cfg.num_patches, d)))
         self.layers = nnx.List([
             TransformerBlock(d, cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps,
-                             layer_scale=False, rngs=rngs, dtype=dtype)
+                             layer_scale=False, keys=keys, dtype=dtype)
             for _ in range(cfg.num_layers)])
-        self.norm = layer_norm(d, cfg.layer_norm_eps, rngs=rngs)
-        self.pred = nnx.Linear(
-            d, p * p * cfg.num_channels, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-            kernel_init=partitioned(nnx.initializers.lecun_normal(), ("embed", "channels")))
+        self.norm = LayerNorm(d, cfg.layer_norm_eps)
+        self.pred = Linear(d, p * p * cfg.num_channels, ("embed", "channels"), keys=keys,
+                           dtype=dtype)
 
     def __call__(self, latents: jax.Array) -> jax.Array:
         cfg = self.cfg
