@@ -42,15 +42,33 @@ from convert.common import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FINAL_NORM = ("layernorm.weight", "layernorm.bias")  # RAE's final LN has no affine
+# Per encoder family: HF key names of a block's parts (src) for the port's names (dst).
+HF_ATTENTION = {"query": "attention.attention.query", "key": "attention.attention.key",
+                "value": "attention.attention.value", "out": "attention.output.dense"}
+BLOCK_KEYS = {
+    "dinov2_with_registers": {**HF_ATTENTION, "norm1": "norm1", "norm2": "norm2",
+                              "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+    "vit_mae": {**HF_ATTENTION, "norm1": "layernorm_before", "norm2": "layernorm_after",
+                "fc1": "intermediate.dense", "fc2": "output.dense"},
+    "siglip2_vision_model": {"query": "self_attn.q_proj", "key": "self_attn.k_proj",
+                             "value": "self_attn.v_proj", "out": "self_attn.out_proj",
+                             "norm1": "layer_norm1", "norm2": "layer_norm2",
+                             "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+}
+LAYER_PREFIX = {"dinov2_with_registers": "encoder.layer", "vit_mae": "encoder.layer",
+                "siglip2_vision_model": "encoder.layers"}
+# RAE's final encoder LayerNorm has no affine (assumed so for MAE and SigLIP2 too).
+FINAL_NORM = {"dinov2_with_registers": "layernorm", "vit_mae": "layernorm",
+              "siglip2_vision_model": "post_layernorm"}
 # (width, layers, mlp) -> heads of released RAE decoders whose config is not at hand.
 KNOWN_DECODER_HEADS = {(1152, 28, 4096): 16}  # ViTXL_n08 (REFERENCE.md b.3)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--encoder", required=True,
-                        help="Hugging Face DINOv2-with-registers folder (config.json, "
-                             "model.safetensors, preprocessor_config.json)")
+                        help="Hugging Face encoder folder (config.json, model.safetensors, "
+                             "preprocessor_config.json): DINOv2-with-registers, ViT-MAE "
+                             "or SigLIP2 vision")
     parser.add_argument("--decoder", required=True,
                         help="RAE decoder state dict (.pt), raw or with a `decoder.` prefix")
     parser.add_argument("--stats", required=True,
@@ -97,7 +115,7 @@ def read_hf_encoder(hf_dir: str) -> tuple[dict, dict[str, np.ndarray], dict | No
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise ConversionError(f"{path}: cannot be read as safetensors: {e}") from e
         state.update(to_numpy_state(tensors, path))
@@ -169,9 +187,8 @@ def _put(kc: KeyConsumer, out: dict, key: str, shape: tuple[int, ...], dst: str,
 
 def _block(kc: KeyConsumer, out: dict, src: str, dst: str, d: int, mlp: int, *,
            names: Mapping[str, str]) -> None:
-    for part in ("query", "key", "value"):
-        _linear(kc, out, f"{src}.attention.attention.{part}", f"{dst}/attn/{part}", d, d)
-    _linear(kc, out, f"{src}.attention.output.dense", f"{dst}/attn/out", d, d)
+    for part in ("query", "key", "value", "out"):
+        _linear(kc, out, f"{src}.{names[part]}", f"{dst}/attn/{part}", d, d)
     _norm(kc, out, f"{src}.{names['norm1']}", f"{dst}/norm1", d)
     _norm(kc, out, f"{src}.{names['norm2']}", f"{dst}/norm2", d)
     _linear(kc, out, f"{src}.{names['fc1']}", f"{dst}/fc1", d, mlp)
@@ -185,12 +202,15 @@ def _check_fields(hf: Mapping, checks: Mapping, source: str) -> None:
 
 
 def encoder_config(hf: Mapping, grid_size: tuple[int, int], source: str):
-    """Dinov2Config from an HF Dinov2WithRegistersConfig or ViTMAEConfig dict; refuses
-    variants the port does not implement (SwiGLU, other activations, no qkv bias)."""
+    """Dinov2Config from an HF Dinov2WithRegistersConfig, ViTMAEConfig or
+    Siglip2VisionConfig dict; refuses variants the port does not implement (SwiGLU,
+    other activations, no qkv bias)."""
     from mmfm_jax.models.dinov2 import Dinov2Config
 
-    model_type = hf.get("model_type")
-    _check_fields(hf, {"hidden_act": "gelu", "qkv_bias": True}, source)
+    model_type = _family(hf)
+    hf = _vision_config(hf)
+    _check_fields(hf, {"hidden_act": "gelu_pytorch_tanh" if model_type.startswith("siglip2")
+                       else "gelu", "qkv_bias": True}, source)
     try:
         d = int(hf["hidden_size"])
         common = dict(hidden_size=d, num_layers=int(hf["num_hidden_layers"]),
@@ -206,62 +226,99 @@ def encoder_config(hf: Mapping, grid_size: tuple[int, int], source: str):
             return Dinov2Config(**common, mlp_dim=int(hf["intermediate_size"]),
                                 num_registers=0, layer_scale=False,
                                 layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)))
+        if model_type == "siglip2_vision_model":
+            return Dinov2Config(**common, mlp_dim=int(hf["intermediate_size"]),
+                                num_registers=0, layer_scale=False, cls_token=False,
+                                gelu_approximate=True,
+                                layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)))
     except KeyError as e:
         raise ConversionError(f"{source}: missing field {e.args[0]!r}") from None
-    raise ConversionError(f"{source}: model_type {model_type!r}; expected "
-                          "'dinov2_with_registers' or 'vit_mae'")
+    raise ConversionError(f"{source}: model_type {hf.get('model_type')!r}; expected "
+                          "'dinov2_with_registers', 'vit_mae', 'siglip2' or "
+                          "'siglip2_vision_model'")
+
+
+def _family(hf: Mapping) -> str:
+    model_type = hf.get("model_type", "")
+    return "siglip2_vision_model" if model_type == "siglip2" else model_type
+
+
+def _vision_config(hf: Mapping) -> Mapping:
+    """A full Siglip2Model config nests the vision tower's."""
+    return hf.get("vision_config", {}) if hf.get("model_type") == "siglip2" else hf
 
 
 def split_encoder_state(hf: Mapping, state: Mapping[str, np.ndarray]
                         ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Remove ViTMAEForPreTraining's `vit.` prefix; returns (state, keys to drop)."""
-    state = dict(state)
-    if hf.get("model_type") == "vit_mae" and any(k.startswith("vit.") for k in state):
-        state = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()}
-    dropped = [k for k in FINAL_NORM if k in state]
-    if hf.get("model_type") == "vit_mae":
-        dropped += [k for k in state if k.startswith("decoder.")]
-    else:
-        dropped += [k for k in ("embeddings.mask_token",) if k in state]
-    return state, dropped
+    """Remove wrapper prefixes (ViTMAEForPreTraining's `vit.`, SigLIP2's
+    `vision_model.`); returns (state, keys to drop: the final LN affine, DINOv2's
+    mask_token, MAE's pixel decoder, SigLIP2's pooling head and text tower)."""
+    family = _family(hf)
+    prefix = {"vit_mae": "vit.", "siglip2_vision_model": "vision_model."}.get(family)
+    if prefix:
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    final = FINAL_NORM.get(family, "layernorm")
+    extra = {"dinov2_with_registers": ("embeddings.mask_token",), "vit_mae": ("decoder.",),
+             "siglip2_vision_model": ("head.", "text_model.", "logit_scale", "logit_bias")
+             }.get(family, ())
+    dropped = [k for k in state if k in (f"{final}.weight", f"{final}.bias")
+               or any(k == e or (e.endswith(".") and k.startswith(e)) for e in extra)]
+    return dict(state), dropped
+
+
+def _position_table(kc: KeyConsumer, out: dict, cfg, family: str) -> None:
+    """Resize the checkpoint's square position grid to the encoder grid, as the HF model
+    does on every forward: bicubic with antialias (DINOv2), bicubic (ViT-MAE), bilinear
+    with antialias (SigLIP2, no CLS row)."""
+    from mmfm_jax.resize import (
+        resize_bicubic_antialias_np,
+        resize_bicubic_np,
+        resize_bilinear_antialias_np,
+    )
+
+    d, prefix = cfg.hidden_size, int(cfg.cls_token)
+    key = ("embeddings.position_embedding.weight" if family == "siglip2_vision_model"
+           else "embeddings.position_embeddings")
+    table = kc.take(key)
+    if table is None:
+        return
+    table = table.reshape(-1, *table.shape[-1:]) if table.ndim in (2, 3) else table
+    side = math.isqrt(max(table.shape[0] - prefix, 0)) if table.ndim == 2 else 0
+    if side == 0 or table.shape != (prefix + side * side, d):
+        kc.misshaped.append(f"{key}: shape {tuple(table.shape)}, expected "
+                            f"({'1 + ' if prefix else ''}n*n, {d})")
+        return
+    resize = {"vit_mae": resize_bicubic_np, "siglip2_vision_model":
+              resize_bilinear_antialias_np}.get(family, resize_bicubic_antialias_np)
+    grid = resize(table[prefix:].reshape(side, side, d), cfg.grid_size)
+    out["pos_embed"] = np.concatenate([table[:prefix], grid.reshape(-1, d)], axis=0)
 
 
 def map_encoder(state: Mapping[str, np.ndarray], cfg, source: str, *,
-                dropped: tuple[str, ...] | list[str] = (), antialias: bool = True
-                ) -> dict[str, np.ndarray]:
-    """HF keys -> {"encoder/...": array}; the 2-D position table is resized to the
-    encoder grid (torch bicubic, with antialias for DINOv2, without for ViT-MAE).
-    Strict, except the explicitly dropped keys."""
-    from mmfm_jax.resize import resize_bicubic_antialias_np, resize_bicubic_np
-
+                family: str = "dinov2_with_registers",
+                dropped: tuple[str, ...] | list[str] = ()) -> dict[str, np.ndarray]:
+    """HF keys -> {"encoder/...": array}, with the position table resized to the encoder
+    grid. Strict, except the explicitly dropped keys."""
     kc = KeyConsumer(state, source, ignore=tuple(dropped))
     d, p, c, r = cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.num_registers
     out: dict[str, np.ndarray] = {}
-    _put(kc, out, "embeddings.cls_token", (1, 1, d), "cls_token", lambda x: x.reshape(d))
+    if cfg.cls_token:
+        _put(kc, out, "embeddings.cls_token", (1, 1, d), "cls_token", lambda x: x.reshape(d))
     if r:
         _put(kc, out, "embeddings.register_tokens", (1, r, d), "register_tokens",
              lambda x: x.reshape(r, d))
-    _put(kc, out, "embeddings.patch_embeddings.projection.weight", (d, c, p, p),
-         "patch_kernel", lambda w: w.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-    _put(kc, out, "embeddings.patch_embeddings.projection.bias", (d,), "patch_bias")
-    pos = kc.take("embeddings.position_embeddings")
-    if pos is not None:
-        side = math.isqrt(pos.shape[1] - 1) if pos.ndim == 3 and pos.shape[1] > 1 else 0
-        if pos.shape != (1, 1 + side * side, d) or side == 0:
-            kc.misshaped.append(f"embeddings.position_embeddings: shape {tuple(pos.shape)}, "
-                                f"expected (1, 1 + n*n, {d})")
-        else:
-            resize = resize_bicubic_antialias_np if antialias else resize_bicubic_np
-            grid = resize(pos[0, 1:].reshape(side, side, d), cfg.grid_size)
-            out["pos_embed"] = np.concatenate([pos[0, :1], grid.reshape(-1, d)], axis=0)
-    if cfg.layer_scale:
-        names = {"norm1": "norm1", "norm2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    if family == "siglip2_vision_model":  # Linear over (row, column, channel) patches
+        _put(kc, out, "embeddings.patch_embedding.weight", (d, p * p * c), "patch_kernel",
+             lambda w: w.T.reshape(p, p, c, d))
+        _put(kc, out, "embeddings.patch_embedding.bias", (d,), "patch_bias")
     else:
-        names = {"norm1": "layernorm_before", "norm2": "layernorm_after",
-                 "fc1": "intermediate.dense", "fc2": "output.dense"}
+        _put(kc, out, "embeddings.patch_embeddings.projection.weight", (d, c, p, p),
+             "patch_kernel", lambda w: w.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+        _put(kc, out, "embeddings.patch_embeddings.projection.bias", (d,), "patch_bias")
+    _position_table(kc, out, cfg, family)
     for layer in range(cfg.num_layers):
-        src, dst = f"encoder.layer.{layer}", f"layers/{layer}"
-        _block(kc, out, src, dst, d, cfg.mlp_dim, names=names)
+        src, dst = f"{LAYER_PREFIX[family]}.{layer}", f"layers/{layer}"
+        _block(kc, out, src, dst, d, cfg.mlp_dim, names=BLOCK_KEYS[family])
         if cfg.layer_scale:
             _put(kc, out, f"{src}.layer_scale1.lambda1", (d,), f"{dst}/ls1")
             _put(kc, out, f"{src}.layer_scale2.lambda1", (d,), f"{dst}/ls2")
@@ -339,11 +396,9 @@ def map_decoder(state: Mapping[str, np.ndarray], cfg, source: str) -> dict[str, 
     _put(kc, out, "decoder_pos_embed", (1, 1 + n, d), "pos_embed", lambda x: x[0])
     _put(kc, out, "trainable_cls_token", (1, 1, d), "cls_token", lambda x: x.reshape(d))
     _linear(kc, out, "decoder_embed", "embed", cfg.in_dim, d)
-    names = {"norm1": "layernorm_before", "norm2": "layernorm_after",
-             "fc1": "intermediate.dense", "fc2": "output.dense"}
     for layer in range(cfg.num_layers):
         _block(kc, out, f"decoder_layers.{layer}", f"layers/{layer}", d, cfg.mlp_dim,
-               names=names)
+               names=BLOCK_KEYS["vit_mae"])
     _norm(kc, out, "decoder_norm", "norm", d)
     _linear(kc, out, "decoder_pred", "pred", d, cfg.patch_size ** 2 * cfg.num_channels)
     kc.finish()
@@ -387,7 +442,7 @@ def build(hf_config: Mapping, encoder_state: Mapping[str, np.ndarray],
            "decoder_config": "decoder config", **(sources or {})}
     dec_cfg = decoder_config(decoder_state, src["decoder"], upstream=decoder_upstream,
                              upstream_source=src["decoder_config"], heads=decoder_heads)
-    patch = int(hf_config.get("patch_size", 0)) or 1
+    patch = int(_vision_config(hf_config).get("patch_size", 0)) or 1
     grid = dec_cfg.grid_size
     if encoder_input_size is not None:
         if encoder_input_size % patch or encoder_input_size // patch != grid[0]:
@@ -404,8 +459,8 @@ def build(hf_config: Mapping, encoder_state: Mapping[str, np.ndarray],
                     image_mean=tuple(float(v) for v in pre.get("image_mean", IMAGENET_MEAN)),
                     image_std=tuple(float(v) for v in pre.get("image_std", IMAGENET_STD)),
                     latent_eps=float(eps), has_latent_mean=stats.get("mean") is not None)
-    arrays = {**map_encoder(encoder_state, enc_cfg, src["encoder"], dropped=dropped,
-                            antialias=hf_config.get("model_type") != "vit_mae"),
+    arrays = {**map_encoder(encoder_state, enc_cfg, src["encoder"],
+                            family=_family(hf_config), dropped=dropped),
               **map_decoder(decoder_state, dec_cfg, src["decoder"]),
               **map_stats(stats, enc_cfg.hidden_size, grid, src["stats"])}
     try:
@@ -438,14 +493,14 @@ def run(args) -> None:
                                "decoder_config": args.decoder_config or ""})
     enc, dec = cfg.encoder, cfg.decoder
     lines = [
-        f"read {args.encoder}: {len(enc_state)} tensors, {_count(enc_state):,} values; "
-        f"width {enc.hidden_size}, {enc.num_layers} layers, {enc.num_heads} heads, "
-        f"MLP {enc.mlp_dim}, patch {enc.patch_size}, {enc.num_registers} registers; "
+        f"read {args.encoder} ({_family(hf_config)}): {len(enc_state)} tensors, "
+        f"{_count(enc_state):,} values; width {enc.hidden_size}, {enc.num_layers} layers, "
+        f"{enc.num_heads} heads, MLP {enc.mlp_dim}, patch {enc.patch_size}, "
+        f"{enc.num_registers} registers; "
         f"dropped {_summary(dropped)}; image mean {cfg.image_mean} std "
         f"{cfg.image_std}" + ("" if pre else " (no preprocessor_config.json: ImageNet)"),
         f"  position table resized to {enc.grid_size[0]}x{enc.grid_size[1]} for "
-        f"{enc.input_size[0]}x{enc.input_size[1]} input (bicubic"
-        f"{', antialias' if hf_config.get('model_type') != 'vit_mae' else ''})",
+        f"{enc.input_size[0]}x{enc.input_size[1]} input, as {_family(hf_config)} does",
         f"read {args.decoder}: {len(dec_state)} tensors, {_count(dec_state):,} values; "
         f"width {dec.hidden_size}, {dec.num_layers} layers, {dec.num_heads} heads, MLP "
         f"{dec.mlp_dim}, patch {dec.patch_size}, output {dec.image_size[0]}x"

@@ -95,9 +95,11 @@ def xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def throughput(flops_per_item: float, items: int, seconds: float, peak: float | None) -> dict:
-    """images/s, TFLOP/s per device and MFU for `items` processed in `seconds`."""
-    tflops = flops_per_item * items / seconds / jax.device_count() / 1e12
+def throughput(flops_per_item: float, items: int, seconds: float, peak: float | None,
+               devices: int | None = None) -> dict:
+    """images/s, TFLOP/s per device and MFU for `items` processed in `seconds` on `devices`
+    (default: all of JAX's)."""
+    tflops = flops_per_item * items / seconds / (devices or jax.device_count()) / 1e12
     return {"images_per_sec": items / seconds, "tflops_per_device": tflops,
             "mfu": tflops / peak if peak else None}
 
@@ -272,6 +274,8 @@ def bench_train(args, peak: float | None) -> dict:
     analytic_step = 3 * fwd * batch
     ours = {"name": "ours", "seconds": seconds, "loss": loss,
             **throughput(3 * fwd, batch, seconds, peak)}
+    for ref in rows:  # the reference runs on one device
+        ref.update(throughput(3 * fwd, ref["batch"], ref["seconds"], peak, devices=1))
     rows.insert(0, ours)
     _add_ratio(rows)
     del state
@@ -343,9 +347,11 @@ def bench_sample(args, peak: float | None) -> dict:
         fwd = mcfg.flops_per_sample() + (gcfg.flops_per_sample() if guidance ==
                                           "autoguidance" else 0)
         ours.append({"name": f"ours/{guidance}", "seconds": seconds,
+                     "flops_per_image": evals * fwd,
                      **throughput(evals * fwd, batch, seconds, peak)})
     for row, ref in zip(ours, rows):  # the references ran in the same guidance order
         ref["name"] = "torch/" + row["name"].split("/")[1]
+        ref.update(throughput(row["flops_per_image"], batch, ref["seconds"], peak, devices=1))
         row["ratio_vs_reference"] = ref["seconds"] / row["seconds"]
     result = {"settings": settings, "rows": ours + rows,
               "first_call_seconds": compile_seconds, **peak_memory()}
@@ -397,11 +403,11 @@ def _torch_device():
 def _torch_model(cfg: DiTDHConfig, device):
     """The plain PyTorch DiTDH of the tests (upstream module and key names)."""
     try:
-        from tests.torch_ditdh import DiTwDDTHead
+        from tests.torch_ditdh import TorchDiTDH
     except ImportError as e:
         raise SystemExit("bench: --vs-torch needs tests/torch_ditdh.py (run from the repository "
                          f"root): {e}") from e
-    return DiTwDDTHead(**upstream_params(cfg)).to(device)
+    return TorchDiTDH(upstream_params(cfg)).to(device)
 
 
 def _torch_sync(device) -> None:
@@ -505,8 +511,8 @@ def torch_sample(cfg: DiTDHConfig, guide_cfg: DiTDHConfig | None, batch: int, ar
     seconds = _torch_timed(sample, device, min(args.warmup, 1), args.steps)
     del model, guide
     _torch_release(device)
-    return {"name": "torch", "seconds": seconds, "images_per_sec": batch / seconds,
-            "device": str(device), "autocast_bf16": autocast, "batch": batch}
+    return {"name": "torch", "seconds": seconds, "device": str(device),
+            "autocast_bf16": autocast, "batch": batch}
 
 
 # ---------------------------------------------------------------------------------- CLI

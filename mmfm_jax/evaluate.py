@@ -283,17 +283,24 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str) -> 
 
 def _factor(sigma1: np.ndarray, sigma2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(L, S) with L L^T one covariance and S the other: the eigenvalues of S1 S2 are those
-    of the symmetric PSD L^T S L. Cholesky when one is definite (a reference over many
-    images), else V sqrt(W) over the eigenvalues above the numerical rank threshold (a
-    small L^T S L when there are few samples)."""
-    for first, second in ((sigma2, sigma1), (sigma1, sigma2)):
-        try:
-            return np.linalg.cholesky(first), second
-        except np.linalg.LinAlgError:
-            continue
-    w1, v1 = np.linalg.eigh(sigma1)
-    keep = w1 > w1.max() * len(w1) * np.finfo(np.float64).eps
-    return v1[:, keep] * np.sqrt(w1[keep]), sigma2
+    of the symmetric PSD L^T S L. L comes from LAPACK's pivoted Cholesky (dpstrf, default
+    rank tolerance d * eps * max diag) of the lower-rank covariance, so a few samples
+    (rank r) cost O(d^2 r) and leave an r x r eigenproblem; full-rank covariances get a
+    plain Cholesky factor."""
+    from scipy.linalg import lapack
+
+    factors = []
+    for sigma in (sigma1, sigma2):
+        c, piv, rank, info = lapack.dpstrf(sigma, lower=1)
+        if info < 0:
+            raise np.linalg.LinAlgError(f"dpstrf failed (info {info})")
+        lower = np.tril(c)[:, :rank]
+        factor = np.empty_like(lower)
+        factor[piv - 1] = lower  # sigma[piv][:, piv] = lower @ lower.T
+        factors.append(factor)
+    if factors[0].shape[1] <= factors[1].shape[1]:
+        return factors[0], sigma2
+    return factors[1], sigma1
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6,
@@ -301,7 +308,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6,
     """||mu1 - mu2||^2 + Tr S1 + Tr S2 - 2 Tr sqrt(S1 S2), in float64, not clamped.
 
     `method="eigh"` takes the trace from the eigenvalues of L^T S2 L with S1 = L L^T
-    (Cholesky, or V sqrt(W) from eigh when both are singular), clipped at 0; `"sqrtm"` is
+    (pivoted Cholesky of the lower-rank one), clipped at 0; `"sqrtm"` is
     ADM's scipy.linalg.sqrtm. As in ADM, a non-finite trace is retried with eps * I added
     to both covariances.
     """

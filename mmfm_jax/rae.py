@@ -94,7 +94,7 @@ class RAE(nnx.Module):
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         """[0, 1] images -> encoder input: bicubic resize (skipped at the encoder size),
-        then (x - mean) / std with the ImageNet constants, float32."""
+        then (x - mean) / std with the encoder processor's constants, float32."""
         x = resize_bicubic(images, self.cfg.encoder.input_size)
         mean = jnp.asarray(self.cfg.image_mean, jnp.float32)
         std = jnp.asarray(self.cfg.image_std, jnp.float32)
@@ -111,11 +111,12 @@ class RAE(nnx.Module):
         z = latents.astype(jnp.float32) * self._scale()
         return z if self.latent_mean is None else z + self.latent_mean[...]
 
-    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(B, H, W, 3) images in [0, 1] -> (normalised latents (B, h, w, C), CLS (B, C))."""
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """(B, H, W, 3) images in [0, 1] -> (normalised latents (B, h, w, C), CLS (B, C));
+        CLS is None for an encoder without one (SigLIP2)."""
         hidden = self.encoder(self.preprocess(images))
-        cls = hidden[:, 0]
-        patches = hidden[:, 1 + self.cfg.encoder.num_registers:]
+        cls = hidden[:, 0] if self.cfg.encoder.cls_token else None
+        patches = hidden[:, self.cfg.encoder.num_prefix_tokens:]
         latents = patches.reshape(patches.shape[0], *self.latent_shape)
         return self.normalize(latents), cls
 

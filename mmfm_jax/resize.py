@@ -10,7 +10,7 @@ downscale), so the RAE front end uses these instead:
 * `resize_bicubic_antialias_np` (numpy, (H, W, C)): torch's `antialias=True` path
   (A = -0.5, support 2 * scale, normalised weights), used once at conversion time to
   resize the DINOv2 position-embedding grid; `resize_bicubic_np` is the numpy twin of
-  `resize_bicubic` for ViT-MAE's table.
+  `resize_bicubic` for ViT-MAE's table, `resize_bilinear_antialias_np` SigLIP2's.
 """
 
 from __future__ import annotations
@@ -131,3 +131,24 @@ def resize_bicubic_antialias_np(grid: np.ndarray, size: tuple[int, int]) -> np.n
 def resize_bicubic_np(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a (H, W, C) float array like torch bicubic without antialias (float32)."""
     return _separable_np(grid, size, bicubic_matrix)
+
+
+def bilinear_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 weights of bilinear resize with antialias=True, as
+    Siglip2VisionEmbeddings computes them: center = (i + 0.5) * scale - 0.5,
+    w_j = max(0, 1 - |j - center| / max(scale, 1)), normalised to sum to one."""
+    scale = _F32(in_size) / _F32(out_size)
+    support = max(scale, _F32(1))
+    center = (np.arange(out_size, dtype=np.float32) + _F32(0.5)) * scale - _F32(0.5)
+    source = np.arange(in_size, dtype=np.float32)
+    w = np.maximum(_F32(1) - np.abs(source[None] - center[:, None]) / support, _F32(0))
+    return (w / w.sum(-1, keepdims=True, dtype=np.float32)).astype(np.float32)
+
+
+def resize_bilinear_antialias_np(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (H, W, C) float array like SigLIP2's position-embedding resize."""
+    grid = np.asarray(grid, np.float32)
+    wy = bilinear_antialias_matrix(grid.shape[0], size[0])
+    wx = bilinear_antialias_matrix(grid.shape[1], size[1])
+    weights = (wy[:, None, :, None] * wx[None, :, None, :]).reshape(size[0] * size[1], -1)
+    return (weights @ grid.reshape(-1, grid.shape[-1])).reshape(*size, -1)

@@ -46,7 +46,7 @@ def test_cli_converts_fixture_and_reports(tmp_path, capsys):
     out = tmp_path / "rae"
     assert convert_main(_args(out)) == 0
     printed = capsys.readouterr().out
-    assert "dropped layernorm.weight, layernorm.bias, embeddings.mask_token" in printed
+    assert "dropped embeddings.mask_token, layernorm.bias, layernorm.weight;" in printed
     assert "wrote" in printed and "82 arrays" in printed
     assert sorted(os.listdir(out)) == ["config.json", "weights.safetensors"]
     rae = load_rae(str(out))
@@ -137,7 +137,7 @@ def test_real_key_lists_map_completely():
     assert (cfg.decoder.hidden_size, cfg.decoder.num_layers, cfg.decoder.num_heads,
             cfg.decoder.mlp_dim, cfg.decoder.patch_size) == (1152, 28, 16, 4096, 16)
     assert cfg.encoder.input_size == (224, 224) and not cfg.has_latent_mean
-    assert dropped == ["layernorm.weight", "layernorm.bias", "embeddings.mask_token"]
+    assert dropped == ["embeddings.mask_token", "layernorm.weight", "layernorm.bias"]
     assert {k: tuple(v.shape) for k, v in arrays.items()} == expected_shapes(cfg)
     assert len(arrays) == (224 - 3) + 456 + 1
     enc_total = sum(_n(v.shape) for k, v in arrays.items() if k.startswith("encoder/"))
@@ -181,10 +181,9 @@ def test_vit_mae_encoder_matches_transformers(tmp_path):
         model.vit.layernorm.bias.zero_()
     model.save_pretrained(tmp_path / "mae")
     out = tmp_path / "rae"
-    assert convert_main(_args(out, extra=["--encoder", str(tmp_path / "mae")])[:2]
-                        + _args(out)[2:] if False else
-                        ["rae", "--encoder", str(tmp_path / "mae"),
-                         *_args(out)[3:]]) == 0
+    args = _args(out)
+    args[args.index("--encoder") + 1] = str(tmp_path / "mae")
+    assert convert_main(args) == 0
     rae = load_rae(str(out))
     assert rae.cfg.encoder.input_size == (256, 256) and rae.encoder.register_tokens is None
 
@@ -202,3 +201,44 @@ def test_vit_mae_encoder_matches_transformers(tmp_path):
     ref = hidden[:, 1:].reshape(2, 16, 16, 32) / np.sqrt(var + 1e-5)
     assert np.abs(np.asarray(latents) - ref).max() < 2e-5
     assert np.abs(np.asarray(cls) - hidden[:, 0]).max() < 1e-5
+
+
+def test_siglip2_encoder_matches_transformers(tmp_path):
+    """SigLIP2 vision tower (tiny random Siglip2VisionModel with an 8x8 position grid,
+    so the bilinear-antialias table resize to 16x16 is exercised) in an RAE with the
+    fixture decoder. Assumed: RAE's SigLIP2 encoder uses every patch token of the last
+    hidden state after an affine-free final LayerNorm; the pooling head is unused."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    config = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_patches=64, patch_size=16)
+    model = Siglip2VisionModel(config).eval()
+    _randomise(model, 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name and name.endswith("weight"):
+                p.add_(1.0)  # LN weights around 1
+        model.post_layernorm.weight.fill_(1.0)
+        model.post_layernorm.bias.zero_()
+    model.save_pretrained(tmp_path / "siglip2")
+    out = tmp_path / "rae"
+    args = _args(out)
+    args[args.index("--encoder") + 1] = str(tmp_path / "siglip2")
+    assert convert_main(args) == 0
+    rae = load_rae(str(out))
+    assert rae.cfg.encoder.input_size == (256, 256) and rae.encoder.cls_token is None
+
+    images = np.random.default_rng(4).random((2, 256, 256, 3), dtype=np.float32)
+    x = rae.preprocess(images)
+    patches = np.asarray(x).reshape(2, 16, 16, 16, 16, 3).transpose(0, 1, 3, 2, 4, 5)
+    with torch.no_grad():
+        hidden = model(pixel_values=torch.from_numpy(patches.reshape(2, 256, 768).copy()),
+                       pixel_attention_mask=torch.ones(2, 256, dtype=torch.long),
+                       spatial_shapes=torch.tensor([[16, 16], [16, 16]])).last_hidden_state
+    hidden = hidden.numpy()
+    assert np.abs(np.asarray(rae.encoder(x)) - hidden).max() < 2e-5
+    var = read_stats(fixture_path("rae", "stat.pt"))["var"].transpose(1, 2, 0)
+    latents, cls = rae.encode(images)
+    assert cls is None
+    ref = hidden.reshape(2, 16, 16, 32) / np.sqrt(var + 1e-5)
+    assert np.abs(np.asarray(latents) - ref).max() < 2e-5

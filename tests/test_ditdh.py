@@ -101,8 +101,13 @@ def test_autoguidance_matches_upstream(models, cases):
     assert err <= FWD_RTOL
 
 
-def test_fresh_model_outputs_exactly_zero(forward):
-    model = DiTDH(fixture_config("main"), rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module")
+def fresh_model():
+    return DiTDH(fixture_config("main"), rngs=nnx.Rngs(0))
+
+
+def test_fresh_model_outputs_exactly_zero(forward, fresh_model):
+    model = fresh_model
     x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
     out = forward(model, x, jnp.array([0.2, 0.9]), jnp.array([3, 10]))
     assert out.dtype == jnp.float32 and out.shape == x.shape
@@ -215,9 +220,9 @@ def test_unconditional_ignores_labels(forward, cases):
     assert max_rel_err(a, nchw_to_nhwc(cases["forward_ema"])) > 1e-3  # labels were dropped
 
 
-def test_fresh_tables_match_upstream_formulas(models):
+def test_fresh_tables_match_upstream_formulas(models, fresh_model):
     """pos_embed and RoPE tables of a fresh model equal those stored by upstream."""
-    fresh = DiTDH(fixture_config("main"), rngs=nnx.Rngs(0))
+    fresh = fresh_model
     loaded = models["ema"]
     for path in (("pos_embed",), ("enc_feat_rope", "freqs_cos"), ("enc_feat_rope", "freqs_sin"),
                  ("dec_feat_rope", "freqs_cos"), ("dec_feat_rope", "freqs_sin")):

@@ -7,7 +7,9 @@ are inserted after the position add, and the final LayerNorm has no affine (RAE 
 [CLS, registers, patches]; `mmfm_jax.rae` picks the tokens it needs.
 
 With `layer_scale=False`, no registers and LN eps 1e-12 the same module is the MAE-B
-encoder (Hugging Face `ViTMAEModel` without masking, tokens in image order).
+encoder (Hugging Face `ViTMAEModel` without masking, tokens in image order); with no
+CLS token either and tanh-GELU it is the SigLIP2 vision tower (`Siglip2VisionModel` at
+one fixed resolution, without its pooling head).
 
 The pre-LN ViT block here is shared with the RAE decoder (`rae_decoder.py`), which is
 the same block without LayerScale.
@@ -109,7 +111,9 @@ class TransformerBlock(nnx.Module):
     """
 
     def __init__(self, d: int, num_heads: int, mlp_dim: int, eps: float, *,
-                 layer_scale: bool, keys: KeySeq, dtype=jnp.float32):
+                 layer_scale: bool, keys: KeySeq, dtype=jnp.float32,
+                 gelu_approximate: bool = False):
+        self.gelu_approximate = gelu_approximate
         self.norm1 = LayerNorm(d, eps)
         self.attn = Attention(d, num_heads, keys=keys, dtype=dtype)
         self.norm2 = LayerNorm(d, eps)
@@ -121,7 +125,7 @@ class TransformerBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         a = self.attn(self.norm1(x)).astype(jnp.float32)
         x = x + (a * self.ls1[...] if self.ls1 is not None else a)
-        m = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+        m = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=self.gelu_approximate))
         m = m.astype(jnp.float32)
         return x + (m * self.ls2[...] if self.ls2 is not None else m)
 
@@ -137,7 +141,14 @@ class Dinov2Config:
     grid_size: tuple[int, int]  # patch tokens per (row, column) at the encoder input size
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
-    layer_scale: bool = True  # DINOv2's LayerScale; MAE has none
+    layer_scale: bool = True  # DINOv2's LayerScale; MAE and SigLIP2 have none
+    cls_token: bool = True  # SigLIP2 has none
+    gelu_approximate: bool = False  # SigLIP2's gelu_pytorch_tanh
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in the output: CLS and registers."""
+        return int(self.cls_token) + self.num_registers
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -149,7 +160,7 @@ class Dinov2Config:
 
 
 class Dinov2Encoder(nnx.Module):
-    """(B, H, W, C) ImageNet-normalised pixels at `input_size` -> (B, 1 + R + N, D)."""
+    """(B, H, W, C) normalised pixels at `input_size` -> (B, [CLS] + R + N, D)."""
 
     def __init__(self, cfg: Dinov2Config, *, keys: KeySeq, dtype=jnp.float32):
         d, p = cfg.hidden_size, cfg.patch_size
@@ -158,14 +169,17 @@ class Dinov2Encoder(nnx.Module):
         self.patch_kernel = param(nnx.initializers.lecun_normal()(
             keys(), (p, p, cfg.num_channels, d)), (None, None, None, "embed"))
         self.patch_bias = param(jnp.zeros((d,)), ("embed",))
-        self.cls_token = param(0.02 * jax.random.normal(keys(), (d,)), ("embed",))
+        self.cls_token = (param(0.02 * jax.random.normal(keys(), (d,)), ("embed",))
+                          if cfg.cls_token else None)
         self.register_tokens = (
             param(0.02 * jax.random.normal(keys(), (cfg.num_registers, d)), (None, "embed"))
             if cfg.num_registers else None)
-        self.pos_embed = Buffer(0.02 * jax.random.normal(keys(), (1 + cfg.num_patches, d)))
+        self.pos_embed = Buffer(0.02 * jax.random.normal(
+            keys(), (int(cfg.cls_token) + cfg.num_patches, d)))
         self.layers = nnx.List([
             TransformerBlock(d, cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps,
-                             layer_scale=cfg.layer_scale, keys=keys, dtype=dtype)
+                             layer_scale=cfg.layer_scale, keys=keys, dtype=dtype,
+                             gelu_approximate=cfg.gelu_approximate)
             for _ in range(cfg.num_layers)])
         # Final LayerNorm without affine (RAE drops the checkpoint's weight and bias).
         self.norm = LayerNorm(d, cfg.layer_norm_eps, affine=False)
@@ -184,6 +198,8 @@ class Dinov2Encoder(nnx.Module):
         kernel = self.patch_kernel[...].reshape(p * p * c, -1).astype(self.dtype)
         x = jnp.einsum("bnk,kd->bnd", patches, kernel).astype(jnp.float32)
         x = x + self.patch_bias[...]
+        if self.cls_token is None:
+            return x + self.pos_embed[...]
         cls = jnp.broadcast_to(self.cls_token[...], (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
         if self.register_tokens is None:
