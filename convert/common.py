@@ -111,6 +111,7 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         yield tmp
+        _make_readable(tmp)
         if os.path.exists(out_dir):
             old = tmp + ".old"
             os.replace(out_dir, old)
@@ -121,6 +122,18 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_readable(root: str) -> None:
+    """mkdtemp creates 0700 (and some writers 0600): give the result normal permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~umask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
 
 
 def write_json(path: str, obj) -> None:
