@@ -317,6 +317,7 @@ def bench_sample(args, peak: float | None) -> dict:
                         channels=args.channels, num_classes=args.num_classes,
                         dtype=args.dtype, attention=args.attention)
     settings = _model_settings(args, mcfg)
+    del settings["remat"], settings["donate"]
     settings.update(batch=batch, guide_size=GUIDE_SIZE.get(args.size, "S"),
                     num_steps=NUM_SAMPLE_STEPS, guidance_scale=GUIDANCE_SCALE)
     rows = []
@@ -342,7 +343,7 @@ def bench_sample(args, peak: float | None) -> dict:
         t = time.perf_counter()
         jax.block_until_ready(sampler(0))
         compile_seconds[guidance] = time.perf_counter() - t  # compile and one batch
-        seconds, _ = _timed(lambda start: (sampler(start)[0], start + batch)[1], batch,
+        seconds, _ = _timed(lambda start, f=sampler: (f(start)[0], start + batch)[1], batch,
                             args.warmup, args.steps)
         fwd = mcfg.flops_per_sample() + (gcfg.flops_per_sample() if guidance ==
                                           "autoguidance" else 0)
@@ -395,8 +396,10 @@ def bench_inception_cmd(args, peak: float | None) -> dict:
 
 # ------------------------------------------------------------------ PyTorch reference
 
-def _torch_device():
+def _torch_device(threads: int | None = None):
     import torch
+    if threads:
+        torch.set_num_threads(threads)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -435,11 +438,21 @@ def _torch_timed(fn, device, warmup: int, iters: int) -> float:
 
 
 def torch_train(cfg: DiTDHConfig, batch: int, args) -> dict:
+    """The reference's train-step row; its memory is released before ours allocates."""
+    import torch
+    device = _torch_device(args.torch_threads)
+    seconds = _torch_train_seconds(cfg, batch, args, device)
+    _torch_release(device)
+    return {"name": "torch", "seconds": seconds, "device": str(device),
+            "autocast_bf16": cfg.compute_dtype == "bfloat16", "batch": batch,
+            "threads": torch.get_num_threads()}
+
+
+def _torch_train_seconds(cfg: DiTDHConfig, batch: int, args, device) -> float:
     """Seconds per step of the upstream-style PyTorch step at the same configuration:
     logit-normal shifted t, velocity MSE under bf16 autocast (when our dtype is bf16),
     backward, global-norm clip 1.0, AdamW (0.9, 0.95), per-parameter EMA update."""
     import torch
-    device = _torch_device()
     model = _torch_model(cfg, device).train()
     ema = _torch_model(cfg, device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -472,20 +485,27 @@ def torch_train(cfg: DiTDHConfig, batch: int, args) -> dict:
             for e, p in ema_pairs:
                 e.mul_(0.9995).add_(p.detach(), alpha=1 - 0.9995)
 
-    seconds = _torch_timed(step, device, args.warmup, args.steps)
-    del model, ema, opt, ema_pairs, params
-    _torch_release(device)
-    return {"name": "torch", "seconds": seconds, "device": str(device),
-            "autocast_bf16": autocast, "batch": batch}
+    return _torch_timed(step, device, args.warmup, args.steps)
 
 
 def torch_sample(cfg: DiTDHConfig, guide_cfg: DiTDHConfig | None, batch: int, args) -> dict:
+    """The reference's sampling row; its memory is released before ours allocates."""
+    import torch
+    device = _torch_device(args.torch_threads)
+    seconds = _torch_sample_seconds(cfg, guide_cfg, batch, args, device)
+    _torch_release(device)
+    return {"name": "torch", "seconds": seconds, "device": str(device),
+            "autocast_bf16": cfg.compute_dtype == "bfloat16", "batch": batch,
+            "threads": torch.get_num_threads()}
+
+
+def _torch_sample_seconds(cfg: DiTDHConfig, guide_cfg: DiTDHConfig | None, batch: int, args,
+                          device) -> float:
     """Seconds per batch of the upstream Euler loop (49 evaluations, autoguidance
     v_g + w (v - v_g) when a guide is given) under no_grad and bf16 autocast as ours."""
     import torch
 
     from mmfm_jax.sampling import euler_grid
-    device = _torch_device()
     model = _torch_model(cfg, device).eval()
     guide = None if guide_cfg is None else _torch_model(guide_cfg, device).eval()
     autocast = cfg.compute_dtype == "bfloat16"
@@ -508,11 +528,7 @@ def torch_sample(cfg: DiTDHConfig, guide_cfg: DiTDHConfig | None, batch: int, ar
             x = x + (t_next - t_cur) * v
         return x
 
-    seconds = _torch_timed(sample, device, min(args.warmup, 1), args.steps)
-    del model, guide
-    _torch_release(device)
-    return {"name": "torch", "seconds": seconds, "device": str(device),
-            "autocast_bf16": autocast, "batch": batch}
+    return _torch_timed(sample, device, min(args.warmup, 1), args.steps)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -540,6 +556,37 @@ def format_table(result: dict) -> str:
     lines.append(f"peak memory: {result['peak_memory_bytes'] / 2**20:.0f} MiB "
                  f"({result['peak_memory_source']})")
     return "\n".join(lines)
+
+
+REPORT_SETTINGS = ("size", "batch", "dtype", "attention", "remat", "donate", "fsdp", "n", "k",
+                   "d", "image_size")
+
+
+def report(paths: list[str]) -> str:
+    """A markdown table of benchmark JSON files (the README's performance table), then the
+    commands that produced them."""
+    def cell(value, fmt):
+        return "-" if value is None else fmt.format(value)
+
+    lines = ["| benchmark | device | settings | run | s / iteration | images/s | "
+             "TFLOP/s per device | MFU | reference time / ours |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    commands = []
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        env, st = r["environment"], r["settings"]
+        device = f"{env['num_devices']} x {env['device_kind']}"
+        setting = ", ".join(f"{k} {st[k]}" for k in REPORT_SETTINGS if st.get(k) is not None)
+        for row in r["rows"]:
+            lines.append(f"| {r['benchmark']} | {device} | {setting} | {row['name']} | "
+                         f"{cell(row.get('seconds'), '{:.4g}')} | "
+                         f"{cell(row.get('images_per_sec'), '{:.4g}')} | "
+                         f"{cell(row.get('tflops_per_device'), '{:.3g}')} | "
+                         f"{cell(row.get('mfu'), '{:.1%}')} | "
+                         f"{cell(row.get('ratio_vs_reference'), '{:.2f}x')} |")
+        commands.append(f"- `{r['command']}`")
+    return "\n".join(lines + ["", "Commands:", ""] + commands)
 
 
 def _batch(value: str):
@@ -576,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-donate", action="store_true", help="do not donate the state")
         sp.add_argument("--vs-torch", action="store_true",
                         help="also time the PyTorch reference (tests/torch_ditdh.py)")
+        sp.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads for the reference (default: torch's)")
 
     tr = sub.add_parser("train", help="the jitted train step")
     model(tr, "8")
@@ -597,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--d", type=int, default=768)
     gm.add_argument("--vs-sklearn", action="store_true")
     common(gm, steps=3, warmup=0)
+    rep = sub.add_parser("report", help="markdown table of benchmark JSON files")
+    rep.add_argument("files", nargs="+")
     inc = sub.add_parser("inception", help="FID Inception features per second")
     inc.add_argument("--batch", type=int, default=16)
     inc.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -610,6 +661,9 @@ RUNNERS = {"train": bench_train, "sample": bench_sample, "gmm": bench_gmm_cmd,
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.benchmark == "report":
+        print(report(args.files), flush=True)
+        return {}
     if getattr(args, "vs_torch", False):
         # Torch runs first in the same process; JAX must not take the GPU memory up front.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

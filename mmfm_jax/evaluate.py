@@ -494,6 +494,21 @@ def evaluate_samples(samples_path: str, ref_path: str, inception_dir: str, mesh=
     return result
 
 
+def eval_stage(cfg, workdir: str, mesh) -> dict:
+    """The main job's `--stage=eval`: the merged samples of `--stage=sample` against the
+    configured reference batch, written to `<workdir>/eval.json`."""
+    samples_path = os.path.join(workdir, "samples", f"samples_{cfg.sample.num_samples}.npz")
+    if not os.path.exists(samples_path):
+        raise EvalInputError(f"{samples_path} is missing: run --stage=sample first "
+                             f"(config.sample.num_samples={cfg.sample.num_samples})")
+    result = evaluate_samples(samples_path, cfg.eval.ref_path, cfg.eval.inception_path,
+                              mesh=mesh, batch_size=cfg.eval.batch_size,
+                              out_path=os.path.join(workdir, "eval.json"))
+    if jax.process_index() == 0:
+        print(format_table(result), flush=True)
+    return result
+
+
 def format_table(result: dict) -> str:
     rows = [("FID", result["fid"]), ("sFID", result["sfid"]),
             ("Inception Score", result["inception_score"]),

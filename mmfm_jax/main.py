@@ -72,6 +72,7 @@ def run(argv) -> None:
     if len(argv) > 1:
         raise config_lib.ConfigError(f"unexpected arguments {argv[1:]}; use --flag=value")
     import jax
+    from flax import nnx
 
     from mmfm_jax import parallel
 
@@ -87,14 +88,17 @@ def run(argv) -> None:
     logging.info("workdir %s, stage %s, preset %s, mesh %s", workdir, stage, cfg.preset,
                  dict(mesh.shape))
     jax.set_mesh(mesh)
-    if cfg.preset == "demo" and stage == "all":
-        _stage_function("demo")(cfg, workdir, mesh)
-        return
-    order = ["fit_gmm", "train", "sample", "eval"] if stage == "all" else [stage]
-    if cfg.source == "gaussian" or cfg.gmm.path:
-        order = [s for s in order if s != "fit_gmm" or stage == "fit_gmm"]
-    for name in order:
-        _stage_function(name)(cfg, workdir, mesh)
+    # With a global mesh set, NNX resolves the logical axis names of parameter metadata
+    # ("embed", "mlp", ...) through these rules when it builds (or shape-evaluates) a model.
+    with nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+        if cfg.preset == "demo" and stage == "all":
+            _stage_function("demo")(cfg, workdir, mesh)
+            return
+        order = ["fit_gmm", "train", "sample", "eval"] if stage == "all" else [stage]
+        if cfg.source == "gaussian" or cfg.gmm.path:
+            order = [s for s in order if s != "fit_gmm" or stage == "fit_gmm"]
+        for name in order:
+            _stage_function(name)(cfg, workdir, mesh)
 
 
 def main(argv) -> None:

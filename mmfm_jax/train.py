@@ -644,9 +644,10 @@ def fit_gmm_stage(cfg, workdir: str, mesh) -> None:
     gmm.fit_from_batches(batches, cfg, mesh, gmm_dir(cfg, workdir), log_fn=logging.info)
 
 
-def train_stage(cfg, workdir: str, mesh) -> TrainResult:
+def train_stage(cfg, workdir: str, mesh, *,
+                callbacks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
     """`--stage=train`; a SIGTERM ends the process (exit 143) once its checkpoint is saved."""
-    result = train(cfg, workdir, mesh)
+    result = train(cfg, workdir, mesh, callbacks=callbacks)
     if result.preempted:
         raise SystemExit(143)
     return result

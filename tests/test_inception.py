@@ -1,7 +1,6 @@
 """FID Inception: converter + Flax network against torch-fidelity's inception-v3-compat
 (fixtures/inception), mesh sharding, and the evaluation job end to end."""
 
-import argparse
 import json
 import os
 
@@ -10,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import convert.inception as convert_inception
-from convert.common import ConversionError
+from convert.__main__ import main as convert_main
 from mmfm_jax import evaluate, parallel
 from mmfm_jax.models import inception as inception_lib
 from tests.conftest import fixture_path, load_cases, nchw_to_nhwc
@@ -46,11 +44,9 @@ def recipe_state_dict() -> dict:
     return state
 
 
-def convert_cli(weights: str, out: str) -> None:
-    """`python -m convert inception --weights W --out D`, through the module's own CLI."""
-    parser = argparse.ArgumentParser()
-    convert_inception.add_arguments(parser)
-    convert_inception.run(parser.parse_args(["--weights", weights, "--out", out]))
+def convert_cli(weights: str, out: str) -> int:
+    """`python -m convert inception --weights W --out D`, in process."""
+    return convert_main(["inception", "--weights", weights, "--out", out])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +59,7 @@ def weights_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inception_dir(weights_file, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("converted") / "inception")
-    convert_cli(weights_file, out)
+    assert convert_cli(weights_file, out) == 0
     return out
 
 
@@ -77,7 +73,7 @@ def cases():
     return load_cases("inception", "cases.npz")
 
 
-def test_converter_writes_every_tensor(inception_dir, capsys):
+def test_converter_writes_every_tensor(inception_dir):
     with open(os.path.join(inception_dir, inception_lib.CONFIG_FILE)) as f:
         config = json.load(f)
     assert config["format"] == inception_lib.FORMAT
@@ -85,16 +81,15 @@ def test_converter_writes_every_tensor(inception_dir, capsys):
     assert config["num_params"] == 23_885_486 - 94
 
 
-def test_converter_refuses_wrong_keys(tmp_path):
+def test_converter_refuses_wrong_keys(tmp_path, capsys):
     state = recipe_state_dict()
     del state["Mixed_6d.branch1x1.conv.weight"]
     state["Mixed_7c.branch_pool.bn.bias"] = torch.zeros(7)
     state["AuxLogits.fc.weight"] = torch.zeros(3, 3)
     path, out = str(tmp_path / "bad.pth"), str(tmp_path / "out")
     torch.save(state, path)
-    with pytest.raises(ConversionError) as err:
-        convert_cli(path, out)
-    msg = str(err.value)
+    assert convert_cli(path, out) == 1
+    msg = capsys.readouterr().err
     assert "Mixed_6d.branch1x1.conv.weight (expected shape (192, 768, 1, 1))" in msg
     assert "Mixed_7c.branch_pool.bn.bias: shape (7,), expected (192,)" in msg
     assert "AuxLogits.fc.weight (3, 3)" in msg and path in msg

@@ -237,3 +237,26 @@ def test_merge_refuses_gaps_and_overlaps(tmp_path):
         assert f["arr_0"].shape == (8, 2, 2, 3)
         np.testing.assert_array_equal(f["arr_0"][:, 0, 0, 0], [0, 0, 0, 0, 7, 7, 0, 0])
         np.testing.assert_array_equal(f["labels"], np.arange(8))
+
+
+def test_sample_stage_from_a_model_directory(tmp_path):
+    """`--stage=sample` with config.sample.model_path: Gaussian source, demo pixel decoder."""
+    from configs.gaussian import get_config
+    from mmfm_jax.models import save_ditdh
+
+    save_ditdh(tiny_model(), str(tmp_path / "model"))
+    cfg = get_config("demo")
+    cfg.sample.model_path = str(tmp_path / "model")
+    cfg.sample.num_samples, cfg.sample.batch_size, cfg.sample.num_steps = 12, 8, 3
+    mesh = parallel.make_mesh()
+    path = sample_job.sample_stage(cfg, str(tmp_path / "work"), mesh)
+    assert str(path).endswith("work/samples/samples_12.npz")
+    with np.load(path) as f:
+        images, labels = f["arr_0"], f["labels"]
+    assert images.shape == (12, 4, 4, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.full(12, -1))  # Gaussian: no mode
+    spec = SampleSpec(latent_shape=SHAPE, num_steps=3, shift=1.0, seed=0)
+    want, _ = jax.jit(lambda i: sample_job.generate(
+        tiny_model(), i, spec, decode_fn=lambda z: (z + 1) / 2))(jnp.arange(12))
+    np.testing.assert_array_equal(images, want)
+    assert (tmp_path / "work" / "samples" / "grid.png").exists()
