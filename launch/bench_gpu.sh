@@ -66,7 +66,7 @@ XL=(--size XL --dtype bfloat16 --attention cudnn)
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 
 # 1. DiTDH-XL train step at the largest batch that fits (XLA memory analysis of a probe).
-run train_xl_auto 150 "${BENCH[@]}" train "${XL[@]}" --batch auto --probe-batch 32 \
+run train_xl_auto 190 "${BENCH[@]}" train "${XL[@]}" --batch auto --probe-batch 32 \
   --steps 5 --json "$OUT_DIR/train_xl_auto.json"
 # 2. Same step against the PyTorch reference (CUDA, bf16 autocast, fused SDPA), batch 32.
 run train_xl_vs_torch 150 "${BENCH[@]}" train "${XL[@]}" --batch 32 --steps 3 --vs-torch \

@@ -92,7 +92,9 @@ case $cmd in
     [[ $# -ge 1 ]] || die "run needs the main job's flags, e.g. --config=configs/mode_gmm.py"
     args=$(quote_args "$@")
     dir=$(quote_args "$REMOTE_DIR")
-    on_workers all "cd $dir && { setsid nohup .venv/bin/python -m mmfm_jax.main $args \
+    # MMFM_DISTRIBUTED=auto: jax.distributed finds the slice's workers from TPU metadata.
+    on_workers all "cd $dir && { MMFM_DISTRIBUTED=auto setsid nohup .venv/bin/python \
+-m mmfm_jax.main $args \
 > $LOG 2>&1 < /dev/null & echo \$! > $PIDFILE; }"
     echo "started on every worker of $TPU_NAME; follow with: $0 logs"
     ;;

@@ -75,10 +75,11 @@ def validate(cfg: ml_collections.ConfigDict, stage: str, num_devices: int) -> No
 
 
 def save(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-    """Write the resolved config as `<workdir>/config.json` (atomically)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=list)
-    os.replace(tmp, path)
+    """Write the resolved config as `<workdir>/config.json` (atomically; gs:// works)."""
+    from etils import epath
+
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list))
+    tmp.rename(root / "config.json")

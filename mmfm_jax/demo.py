@@ -46,12 +46,10 @@ def _moments(images_unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-def sample_images(cfg, workdir: str, mesh, num_steps: int) -> np.ndarray:
-    """cfg.sample.num_samples EMA samples as float images in [0, 1] (B, H, W, C), through
-    the sampling job's compiled program (uint8 truncation included)."""
+def sample_images(cfg, model, mixture, mesh, num_steps: int) -> np.ndarray:
+    """cfg.sample.num_samples samples of `model` as float images in [0, 1] (B, H, W, C),
+    through the sampling job's compiled program (uint8 truncation included)."""
     from mmfm_jax import pixel_encoder, sample_job
-    model = train.load_ema_model(cfg, workdir, mesh)
-    mixture = sample_job._load_mixture(cfg, workdir)
     spec = dataclasses.replace(sample_job.spec_from_config(cfg, model), num_steps=num_steps)
     shards = parallel.num_batch_shards(mesh)
     batch = -(-int(cfg.sample.batch_size) // shards) * shards
@@ -137,8 +135,10 @@ def run_demo(cfg, workdir: str, mesh) -> dict:
     grids: dict[str, dict[int, np.ndarray]] = {m: {} for m in METHODS}
     for method in METHODS:
         c, d = runs[method]
+        model = train.load_ema_model(c, d, mesh)
+        mixture = None if c.source != "gmm" else gmm.load(train.gmm_dir(c, d))[1]
         for steps in EULER_STEPS:
-            images = sample_images(c, d, mesh, steps)
+            images = sample_images(c, model, mixture, mesh, steps)
             mu, sigma = _moments(images)
             fd[method][str(steps)] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
             grids[method][steps] = images[:GRID]

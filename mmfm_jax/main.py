@@ -104,7 +104,11 @@ def run(argv) -> None:
 def main(argv) -> None:
     try:
         run(argv)
-    except config_lib.ConfigError as e:
+    except ValueError as e:
+        # Input errors raised by mmfm_jax (configs, files, shapes) are one line for the
+        # user; anything else is a bug and keeps its traceback.
+        if not type(e).__module__.startswith(("mmfm_jax", "convert")):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -165,12 +165,15 @@ def process_batch_slice(global_batch: int) -> slice:
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None,
-                           *, timeout_s: int = 300) -> bool:
+                           *, timeout_s: int = 300, heartbeat_s: int | None = None) -> bool:
     """Start jax.distributed when this is one of several processes.
 
     Arguments fall back to the environment (`MMFM_COORDINATOR`, `MMFM_NUM_PROCESSES`,
     `MMFM_PROCESS_ID`, or SLURM's variables); on Cloud TPU VMs with several hosts JAX
     detects everything itself. Returns True when the runtime was initialised.
+
+    `heartbeat_s` (env `MMFM_HEARTBEAT_S`, default 60) bounds how long the survivors wait
+    for a dead process before they exit non-zero instead of hanging.
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get("MMFM_COORDINATOR")
@@ -181,7 +184,10 @@ def initialize_distributed(coordinator_address: str | None = None,
     if num_processes is None and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
         num_processes = int(env["SLURM_NTASKS"])
         process_id = int(env["SLURM_PROCID"])
-    tpu_pod = env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+    # MMFM_DISTRIBUTED=auto (launch/tpu_vm.sh): JAX's own cluster detection fills in
+    # everything; Cloud TPU VM slices announce themselves through metadata, not this env.
+    tpu_pod = (env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+               or env.get("MMFM_DISTRIBUTED") == "auto")
     if not tpu_pod and (num_processes is None or num_processes <= 1):
         return False
     # Cross-process CPU collectives (only the CPU client reads this). Asking for the backend
@@ -192,7 +198,8 @@ def initialize_distributed(coordinator_address: str | None = None,
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
     jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s,
-                               heartbeat_timeout_seconds=min(timeout_s, 60))
+                               heartbeat_timeout_seconds=heartbeat_s
+                               or int(env.get("MMFM_HEARTBEAT_S", "60")))
     return True
 
 

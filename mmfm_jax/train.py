@@ -577,7 +577,7 @@ def export_ema(model: DiTDH, out_dir: str, step: int) -> str:
         save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path + ".tmp")
     else:
         path = os.path.join(out_dir, f"ema_{step:07d}.pt")
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+        torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in
                     state_dict.items()}, path + ".tmp")
     os.replace(path + ".tmp", path)
     logging.info("exported the EMA weights (upstream layout) to %s", path)

@@ -30,7 +30,7 @@ def _check_common(result, argv):
     assert env["peak_tflops_per_device"] is None  # CPU: no MFU
     assert result["command"].startswith("python -m mmfm_jax.bench " + argv[0])
     assert result["peak_memory_bytes"] > 0 and result["peak_memory_source"] == "host_rss"
-    assert all(row["seconds"] > 0 for row in result["rows"])
+    assert result["rows"][0]["name"].startswith("ours") and result["rows"][0]["seconds"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,9 @@ def test_gmm_json_and_report(tmp_path, train_result, capsys):
     r = _run(tmp_path, "gmm", argv)
     _check_common(r, argv)
     ours, ref = r["rows"]
-    assert ref["name"] == "sklearn" and ours["ratio_vs_reference"] > 0
+    assert ref["name"] == "sklearn"
+    # sklearn's time per iteration is a difference of two fits (bench_gmm): no sign check.
+    assert ours["ratio_vs_reference"] == pytest.approx(ref["seconds"] / ours["seconds"])
     assert ours["log_likelihood_rel_diff"] < 1e-3  # same EM from the same start
     path = tmp_path / "train.json"
     path.write_text(json.dumps(train_result[1]))

@@ -242,6 +242,21 @@ def test_processes_see_disjoint_halves_covering_the_epoch(trees):
         D.make_train_loader(cfg, global_batch=5, seed=0, process_index=0, process_count=2)
 
 
+def test_two_processes_build_the_same_global_batches_as_one(trees):
+    """Process p's k-th batch is the p-th block of the one-process k-th batch, flips too, so
+    multi-host training sees exactly the single-host global batch (rows in process order)."""
+    cfg = _cfg(path=str(trees[0]))
+    one = list(D.make_train_loader(cfg, global_batch=4, seed=3, process_index=0,
+                                   process_count=1, num_epochs=2))
+    two = [list(D.make_train_loader(cfg, global_batch=4, seed=3, process_index=p,
+                                    process_count=2, num_epochs=2)) for p in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 12
+    for k, batch in enumerate(one):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(
+                batch[key], np.concatenate([two[0][k][key], two[1][k][key]]))
+
+
 def test_same_seed_same_stream_other_seed_other_stream(trees):
     cfg = _cfg(path=str(trees[0]))
     make = lambda seed: iter(D.make_train_loader(cfg, global_batch=4, seed=seed,

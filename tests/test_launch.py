@@ -94,6 +94,7 @@ def test_tpu_run_starts_the_main_job_on_every_worker_with_exact_arguments(standi
         time.sleep(0.1)
     (job,) = records("python")
     assert job["argv"] == ["-m", "mmfm_jax.main", *ARGS]
+    assert job["env"] == {"MMFM_DISTRIBUTED": "auto"}  # jax.distributed detects the slice
     assert job["cwd"] == str(home / "mmfm_jax")
     assert (home / "mmfm_jax" / "mmfm.pid").read_text().strip().isdigit()
 

@@ -75,16 +75,30 @@ def _allow_worker_processes(num_workers: int) -> None:
 
 class FlipSampler(grain.samplers.IndexSampler):
     """IndexSampler (global shuffle, reshuffled each epoch) whose per-record RNG is
-    `record_rng(seed, record_key, epoch)`: independent of workers, processes and resumes."""
+    `record_rng(seed, record_key, epoch)`: independent of workers, processes and resumes.
 
-    def __init__(self, num_records: int, *, seed: int, num_epochs: int | None):
+    grain shards a stream by giving process p the positions p, p + n, ...; this sampler
+    re-maps them so that process p's k-th local batch is the p-th contiguous block of the
+    k-th global batch. The global batch (rows in process order) is then the same for any
+    number of processes, so a run on 2 hosts equals a run on 1.
+    """
+
+    def __init__(self, num_records: int, *, seed: int, num_epochs: int | None,
+                 local_batch: int = 1, process_count: int = 1):
         super().__init__(num_records, shuffle=True, num_epochs=num_epochs, seed=seed)
         self._n, self._flip_seed = num_records, seed
+        self._local, self._procs = local_batch, process_count
 
     def __getitem__(self, index: int):
-        md = super().__getitem__(index)
-        rng = record_rng(self._flip_seed, int(md.record_key), index // self._n)
-        return grain.RecordMetadata(index=md.index, record_key=md.record_key, rng=rng)
+        position = index
+        if self._procs > 1:
+            p, i = index % self._procs, index // self._procs
+            position = (i // self._local) * self._local * self._procs + p * self._local \
+                + i % self._local
+        md = super().__getitem__(position)
+        rng = record_rng(self._flip_seed, int(md.record_key), position // self._n)
+        # keep grain's own index: its iterator state counts requested positions
+        return grain.RecordMetadata(index=index, record_key=md.record_key, rng=rng)
 
 
 class _DropUnreadable(grain.transforms.Filter):
@@ -174,7 +188,9 @@ def make_train_loader(data_cfg, *, global_batch: int, seed: int, process_index=N
     drop = _DropUnreadable()
     return TrainLoader(
         data_source=source,
-        sampler=FlipSampler(len(source), seed=int(seed), num_epochs=num_epochs),
+        sampler=FlipSampler(len(source), seed=int(seed), num_epochs=num_epochs,
+                            local_batch=global_batch // process_count,
+                            process_count=process_count),
         operations=[drop, _Flip(bool(data_cfg.random_flip)),
                     grain.transforms.Batch(global_batch // process_count, drop_remainder=True,
                                            batch_fn=_Batcher(drop))],
