@@ -150,23 +150,23 @@ def _demo(c):
     c.gmm.num_components = 10
     c.gmm.chunk_size = 4096
     c.model = _model("demo", input_size=8, in_channels=1, num_classes=10)
-    c.model.hidden_size = (64, 96)
-    c.model.depth = (3, 1)
+    c.model.hidden_size = (64, 64)
+    c.model.depth = (2, 1)
     c.model.num_heads = (2, 2)
     c.model.compute_dtype = "float32"
-    c.train.batch_size = 128
-    c.train.num_steps = 1500
+    c.train.batch_size = 64
+    c.train.num_steps = 1000
     c.train.lr = 1e-3
     c.train.lr_end = 1e-4
-    c.train.lr_decay_start = 1000
-    c.train.lr_decay_end = 1500
+    c.train.lr_decay_start = 600
+    c.train.lr_decay_end = 1000
     c.train.ema_decay = 0.995
     c.train.time_shift = 1.0
     c.train.log_every = 100
     c.train.ckpt_every = 500
     c.train.ckpt_keep_period = 0
     c.train.sample_every = 0
-    c.sample.num_samples = 1024
+    c.sample.num_samples = 512
     c.sample.batch_size = 512
     c.sample.compute_dtype = "float32"
 

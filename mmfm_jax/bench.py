@@ -62,8 +62,20 @@ def environment(peak_override: float | None = None) -> dict:
             versions[name] = None
     return {"device_kind": dev.device_kind, "platform": dev.platform,
             "num_devices": jax.device_count(), "num_processes": jax.process_count(),
-            "host_cpus": os.cpu_count(), "python": platform.python_version(),
+            "host_cpu": _cpu_model(), "host_cpus": os.cpu_count(),
+            "python": platform.python_version(),
             "versions": versions, "peak_tflops_per_device": peak_tflops(peak_override)}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def peak_tflops(override: float | None = None) -> float | None:
@@ -239,14 +251,15 @@ def auto_batch(trainer, probe: int, donate: bool, memory_bytes: float | None,
 
 def bench_train(args, peak: float | None) -> dict:
     batch = args.batch
+    if batch == "auto" and args.vs_torch:
+        raise SystemExit("bench: --vs-torch compares one configuration; give a fixed --batch")
     cfg = run_config(args, 8 if batch == "auto" else int(batch))
     mesh = parallel.make_mesh(dict(cfg.mesh))
     mcfg = train_lib.model_config(cfg)
     settings = _model_settings(args, mcfg)
     rows = []
     if args.vs_torch:  # first: on a GPU it must release its memory before ours allocates
-        rows.append(torch_train(mcfg, _round_batch(8 if batch == "auto" else int(batch), mesh),
-                                args))
+        rows.append(torch_train(mcfg, _round_batch(int(batch), mesh), args))
     trainer = train_lib.Trainer.create(cfg, "", mesh)
     extra = {}
     if batch == "auto":
@@ -558,8 +571,8 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-REPORT_SETTINGS = ("size", "batch", "dtype", "attention", "remat", "donate", "fsdp", "n", "k",
-                   "d", "image_size")
+REPORT_SETTINGS = ("size", "input_size", "channels", "batch", "dtype", "attention", "remat",
+                   "donate", "fsdp", "n", "k", "d", "image_size")
 
 
 def report(paths: list[str]) -> str:
@@ -577,9 +590,12 @@ def report(paths: list[str]) -> str:
             r = json.load(f)
         env, st = r["environment"], r["settings"]
         device = f"{env['num_devices']} x {env['device_kind']}"
+        if env["platform"] == "cpu":
+            device += f" ({env.get('host_cpu')}, {env['host_cpus']} cores)"
         setting = ", ".join(f"{k} {st[k]}" for k in REPORT_SETTINGS if st.get(k) is not None)
         for row in r["rows"]:
-            lines.append(f"| {r['benchmark']} | {device} | {setting} | {row['name']} | "
+            name = row["name"] + (f" ({row['threads']} threads)" if row.get("threads") else "")
+            lines.append(f"| {r['benchmark']} | {device} | {setting} | {name} | "
                          f"{cell(row.get('seconds'), '{:.4g}')} | "
                          f"{cell(row.get('images_per_sec'), '{:.4g}')} | "
                          f"{cell(row.get('tflops_per_device'), '{:.3g}')} | "

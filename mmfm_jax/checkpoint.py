@@ -71,7 +71,7 @@ class Checkpointer:
             max_to_keep=max(int(keep), 1),
             keep_period=int(keep_period) if keep_period and keep_period > 0 else None,
             enable_async_checkpointing=use_async,
-            create=True)
+            create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=handlers)
 

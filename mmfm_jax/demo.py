@@ -83,7 +83,7 @@ def write_plots(workdir: str, fd: dict, grids: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(METHODS), len(EULER_STEPS),
-                             figsize=(2.6 * len(EULER_STEPS), 2.8 * len(METHODS)))
+                             figsize=(2.6 * len(EULER_STEPS), 3.1 * len(METHODS)))
     for i, method in enumerate(METHODS):
         for j, steps in enumerate(EULER_STEPS):
             ax = axes[i, j]

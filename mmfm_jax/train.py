@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx, struct
@@ -180,11 +181,21 @@ def _pure(state):
     return nnx.to_pure_dict(state)
 
 
+def _leaf_paths(tree) -> list[str]:
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            for path, _ in leaves]
+
+
 def _state_shardings(mcfg: DiTDHConfig, tx, mesh) -> tuple[ModelParts, TrainState]:
     """ModelParts and the NamedSharding tree of the TrainState (params by their logical
     axes, optimizer moments like their params, scalars replicated)."""
     abstract = nnx.eval_shape(lambda: DiTDH(mcfg, rngs=nnx.Rngs(0)))
     graphdef, params, frozen = _split(abstract)
+    for state in (params, frozen):  # ModelParts.merge pairs leaves by flattening order
+        if _leaf_paths(state) != _leaf_paths(_pure(state)):
+            raise AssertionError("nnx.State and its pure dict flatten in different orders")
     parts = ModelParts(graphdef, jax.tree.structure(params), jax.tree.structure(frozen))
     _, p_sh, f_sh = _split(state_shardings(abstract, mesh))
     p_sh, f_sh = _pure(p_sh), _pure(f_sh)
@@ -196,25 +207,26 @@ def _state_shardings(mcfg: DiTDHConfig, tx, mesh) -> tuple[ModelParts, TrainStat
                              step=rep, rng=rep)
 
 
-def init_state(mcfg: DiTDHConfig, tx, shardings: TrainState, seed: int) -> TrainState:
-    """A fresh state, built directly in its shardings (EMA = a copy of the params)."""
-    def init():
-        model = DiTDH(mcfg, rngs=nnx.Rngs(seed))
-        _, params, frozen = _split(model)
-        params, frozen = _pure(params), _pure(frozen)
-        return TrainState(params=params, frozen=frozen,
-                          ema=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                          step=jnp.zeros((), jnp.int32),
-                          rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
-    return jax.jit(init, out_shardings=shardings)()
-
-
-def _init_shapes(mcfg, tx, seed):
+def fresh_state(mcfg: DiTDHConfig, tx, seed: int) -> TrainState:
+    """A new model's state (traceable): EMA a copy of the params, step 0."""
     model = DiTDH(mcfg, rngs=nnx.Rngs(seed))
     _, params, frozen = _split(model)
     params, frozen = _pure(params), _pure(frozen)
-    return TrainState(params=params, frozen=frozen, ema=params, opt_state=tx.init(params),
-                      step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
+    return TrainState(params=params, frozen=frozen, ema=jax.tree.map(jnp.copy, params),
+                      opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                      rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+
+
+def init_state(mcfg: DiTDHConfig, tx, shardings: TrainState, seed: int) -> TrainState:
+    """A fresh state, built directly in its shardings."""
+    return jax.jit(functools.partial(fresh_state, mcfg, tx, seed), out_shardings=shardings)()
+
+
+def abstract_state(mcfg: DiTDHConfig, tx, shardings: TrainState, seed: int) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+    shapes = jax.eval_shape(functools.partial(fresh_state, mcfg, tx, seed))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
 
 
 # ------------------------------------------------------------------------------ the step
@@ -368,14 +380,13 @@ class Trainer:
     def create(cls, cfg, workdir: str, mesh) -> Trainer:
         check_config(cfg)
         mcfg = model_config(cfg)
-        tx, schedule = make_optimizer(cfg.train)
-        parts, shardings = _state_shardings(mcfg, tx, mesh)
         encoder = make_encoder(cfg, mesh)
         enc_graphdef, enc_state = nnx.split(encoder)
         enc_state = _replicate_unplaced(enc_state, mesh)
         mixtures = load_mixtures(cfg, workdir, mesh)
-        opts = StepOptions.from_config(cfg, mcfg)
-        step_fn = make_train_step(parts, enc_graphdef, tx, schedule, opts, mesh, shardings)
+        hyper = tuple(sorted(cfg.train.to_dict().items()))
+        parts, shardings, tx, schedule, step_fn = _compiled(
+            mcfg, StepOptions.from_config(cfg, mcfg), mesh, hyper, enc_graphdef)
         return cls(cfg, mesh, mcfg, parts, shardings, tx, schedule, encoder, enc_state,
                    mixtures, step_fn)
 
@@ -383,10 +394,7 @@ class Trainer:
         return init_state(self.mcfg, self.tx, self.shardings, int(self.cfg.seed))
 
     def abstract(self) -> TrainState:
-        shapes = jax.eval_shape(functools.partial(_init_shapes, self.mcfg, self.tx,
-                                                  int(self.cfg.seed)))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.shardings)
+        return abstract_state(self.mcfg, self.tx, self.shardings, int(self.cfg.seed))
 
     def step(self, state: TrainState, host_batch) -> tuple[TrainState, dict]:
         batch = parallel.host_to_global(host_batch, self.mesh)
@@ -394,6 +402,17 @@ class Trainer:
 
     def ema_model(self, state: TrainState) -> DiTDH:
         return self.parts.merge(state.ema, state.frozen)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(mcfg: DiTDHConfig, opts: StepOptions, mesh, hyper: tuple, enc_graphdef):
+    """Model parts, shardings, optimizer and the jitted step, shared by every trainer of
+    the same settings in this process (a resumed or repeated run compiles nothing new)."""
+    t = ml_collections.ConfigDict(dict(hyper))
+    tx, schedule = make_optimizer(t)
+    parts, shardings = _state_shardings(mcfg, tx, mesh)
+    step_fn = make_train_step(parts, enc_graphdef, tx, schedule, opts, mesh, shardings)
+    return parts, shardings, tx, schedule, step_fn
 
 
 def _replicate_unplaced(tree, mesh):
@@ -530,8 +549,7 @@ def train(cfg, workdir: str, mesh, *,
                 if preempted:
                     logging.warning("preempted at step %d: checkpoint saved, exiting", step)
                     break
-        if step == int(t.num_steps) and not preempted and jax.process_index() == 0:
-            ckpt.wait()
+        if step == int(t.num_steps) and not preempted:
             export_ema(trainer.ema_model(state), os.path.join(workdir, "export"), step)
     finally:
         ckpt.close()
@@ -566,8 +584,11 @@ def write_sample_grid(cfg, trainer: Trainer, state: TrainState, workdir: str, st
 def export_ema(model: DiTDH, out_dir: str, step: int) -> str:
     """The EMA weights in the upstream PyTorch state-dict layout: `ema_{step}.pt` (a raw
     state dict, which RAE's and MM-FM's loaders accept) when torch is installed, else
-    `ema_{step}.safetensors` with the same keys."""
+    `ema_{step}.safetensors` with the same keys. Collective: every process calls it, process
+    0 writes."""
     state_dict = export_torch_state_dict(model)
+    if jax.process_index() != 0:
+        return ""
     os.makedirs(out_dir, exist_ok=True)
     try:
         import torch
@@ -597,10 +618,8 @@ def load_ema_model(cfg, workdir: str, mesh) -> DiTDH:
         if step is None:
             raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to sample from; train "
                                     "first or set config.sample.model_path")
-        shapes = jax.eval_shape(functools.partial(_init_shapes, mcfg, tx, int(cfg.seed)))
-        target = {"ema": shapes.ema, "frozen": shapes.frozen}
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              target, {"ema": shardings.ema, "frozen": shardings.frozen})
+        full = abstract_state(mcfg, tx, shardings, int(cfg.seed))
+        target = {"ema": full.ema, "frozen": full.frozen}
         restored = ckpt.restore_subset(step, target)
     finally:
         ckpt.close()

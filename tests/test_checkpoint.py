@@ -55,7 +55,7 @@ def latest_step(workdir: str) -> int | None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mesh):
     workdir = make_workdir(tmp_path_factory.mktemp("straight"))
-    result = train.train(run_config(), workdir, mesh)
+    result = train.train(run_config(sample_every=NUM_STEPS), workdir, mesh)
     assert result.step == NUM_STEPS and not result.preempted
     return workdir
 
@@ -129,6 +129,20 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
     model = train.load_ema_model(cfg, workdir, mesh)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(
         jax.device_get(model)))
+
+
+def test_logs_and_sample_grid(uninterrupted):
+    with open(os.path.join(uninterrupted, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
+    for key in ("loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec",
+                "tflops_per_device", "mfu"):
+        assert key in records[-1]
+    assert records[-1]["images_per_sec"] == pytest.approx(16 * records[-1]["steps_per_sec"])
+    assert records[-1]["lr"] == pytest.approx(1e-3)
+    grid = os.path.join(uninterrupted, "samples", f"train_grid_{NUM_STEPS:07d}.png")
+    with open(grid, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ema_export_is_the_upstream_state_dict(uninterrupted, mesh):
