@@ -19,7 +19,7 @@ from mmfm_jax import parallel, sample_job
 from tests.test_sample_job import SAMPLE_N, job_sampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEARTBEAT_S = 20  # initialize_distributed(timeout_s): bound on failure detection
+HEARTBEAT_S = 20  # initialize_distributed(heartbeat_s): bound on failure detection
 CHILDREN: list[subprocess.Popen] = []
 
 CHILD = r'''
@@ -30,7 +30,7 @@ import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 from mmfm_jax import parallel
 if nproc > 1:
-    parallel.initialize_distributed(coordinator, nproc, pid, timeout_s=int(sys.argv[6]))
+    parallel.initialize_distributed(coordinator, nproc, pid, heartbeat_s=int(sys.argv[6]))
 mesh = parallel.make_mesh()
 print("devices", jax.process_count(), jax.local_device_count(), jax.device_count(), flush=True)
 
