@@ -82,4 +82,4 @@ def save(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / "config.json.tmp"
     tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list))
-    tmp.rename(root / "config.json")
+    tmp.replace(root / "config.json")

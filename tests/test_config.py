@@ -76,6 +76,7 @@ def test_demo_validates_and_saves(tmp_path):
     cfg = _config("mode_gmm")
     config_lib.validate(cfg, "all", 8)
     config_lib.save(cfg, str(tmp_path))
+    config_lib.save(cfg, str(tmp_path))  # a rerun overwrites it
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["preset"] == "demo" and saved["model"]["in_channels"] == 1
 
