@@ -210,7 +210,6 @@ def start_main(tmp_path, workdir, steps, *, nproc, devices):
     return procs
 
 
-@pytest.mark.slow
 def test_main_train_stage_on_two_processes_resumes_to_the_one_process_result(tmp_path):
     """The real training stage: 2 processes x 4 devices train 4 steps and checkpoint, a new
     pair restores step 4 and trains to 6; the EMA weights and losses equal those of one
