@@ -59,7 +59,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int, keep_period: int = 0,
                  use_async: bool = True):
-        self.directory = os.path.abspath(directory)
+        # orbax handles gs:// itself; only local paths are made absolute
+        self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
         handlers = {STATE_ITEM: ocp.StandardCheckpointHandler()}
         try:  # grain registers its orbax handler and args on import
             import grain.checkpoint as grain_ckpt
