@@ -380,11 +380,8 @@ def _load_model(cfg, workdir: str, mesh):
     if cfg.sample.model_path:
         return load_ditdh(cfg.sample.model_path, mesh=mesh,
                           compute_dtype=cfg.sample.compute_dtype)
-    try:
-        from mmfm_jax import train
-    except ModuleNotFoundError as e:
-        raise RuntimeError("config.sample.model_path is empty and this build has no training "
-                           "stage to restore from; pass --config.sample.model_path=DIR") from e
+    from mmfm_jax import train  # the EMA weights of the latest checkpoint in the workdir
+
     return train.load_ema_model(cfg, workdir, mesh)
 
 

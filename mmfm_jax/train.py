@@ -616,8 +616,8 @@ def load_ema_model(cfg, workdir: str, mesh) -> DiTDH:
     try:
         step = ckpt.latest_step()
         if step is None:
-            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to sample from; train "
-                                    "first or set config.sample.model_path")
+            raise config_lib.ConfigError(f"{ckpt.directory}: no checkpoint to sample from; "
+                                         "train first or set config.sample.model_path")
         full = abstract_state(mcfg, tx, shardings, int(cfg.seed))
         target = {"ema": full.ema, "frozen": full.frozen}
         restored = ckpt.restore_subset(step, target)
