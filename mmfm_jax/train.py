@@ -634,11 +634,18 @@ def load_ema_model(cfg, workdir: str, mesh) -> DiTDH:
 
 def fit_gmm_stage(cfg, workdir: str, mesh) -> None:
     """`--stage=fit_gmm`: encode the data in order (centre crops at the encoder size, no
-    flip), fit the CLS mixture, then the spatial pass; writes `<workdir>/gmm`."""
+    flip), fit the CLS mixture, then the spatial pass; writes `<workdir>/gmm`. A rerun
+    whose `<workdir>/gmm` holds both mixtures does nothing (each pass reads the whole split).
+    """
     if cfg.source != "gmm":
         logging.info("fit_gmm: source %r needs no mixture; nothing to do", cfg.source)
         return
     from mmfm_jax import data, gmm
+    from mmfm_jax.gmm import io as gmm_io
+    out_dir = gmm_dir(cfg, workdir)
+    if gmm_io.has_cls(out_dir) and gmm_io.has_spatial(out_dir):
+        logging.info("fit_gmm: both mixtures found in %s; nothing to do", out_dir)
+        return
     if cfg.data.kind == "latent_cache":
         raise config_lib.ConfigError("--stage=fit_gmm reads images; config.data.kind="
                                      "'latent_cache' has none (fit on the image data, or pass "
@@ -647,7 +654,8 @@ def fit_gmm_stage(cfg, workdir: str, mesh) -> None:
     graphdef, enc_state = nnx.split(encoder)
     enc_state = _replicate_unplaced(enc_state, mesh)
     encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(_unit_images(x)))
-    image_size = (encoder.cfg.encoder.input_size if cfg.rae.kind == "dinov2"
+    # square centre crops at the encoder's input size (224 for DINOv2), as the GMM scripts
+    image_size = (encoder.cfg.encoder.input_size[0] if cfg.rae.kind == "dinov2"
                   else cfg.data.image_size)
     shards = parallel.num_batch_shards(mesh)
     batch = -(-int(cfg.gmm.encode_batch_size) // shards) * shards
@@ -660,7 +668,7 @@ def fit_gmm_stage(cfg, workdir: str, mesh) -> None:
             mask = np.asarray(host["mask"], bool)
             yield latents[mask], cls[mask]
 
-    gmm.fit_from_batches(batches, cfg, mesh, gmm_dir(cfg, workdir), log_fn=logging.info)
+    gmm.fit_from_batches(batches, cfg, mesh, out_dir, log_fn=logging.info)
 
 
 def train_stage(cfg, workdir: str, mesh, *,
