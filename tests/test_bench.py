@@ -130,6 +130,6 @@ def test_inception_json(tmp_path):
     r = _run(tmp_path, "inception", argv)
     _check_common(r, argv)
     assert r["rows"][0]["images_per_sec"] > 0
-    # evaluate.bench_inception divides XLA's per-device count by the global batch, so on
-    # these 8 devices this is 1/8 of the ~5.7 GFLOP/image of the FID graph at 299x299.
-    assert r["gflops_per_image_xla"] > 5 / 8
+    # XLA counts one device's partition; scaled to the global batch this is the ~5.7
+    # GFLOP/image (multiply-adds x 2) of the FID graph at 299x299 on any device count.
+    assert 5 < r["gflops_per_image_xla"] < 13
