@@ -59,6 +59,8 @@ def get_base_config(source: str, mode_conditional: bool, preset: str | None):
     c.data.read_threads = 16  # grain read threads per process
     c.data.read_buffer = 256  # records read ahead per process
     c.data.digits_holdout = 0.2  # demo: held-out fraction of the digits (Frechet reference)
+    c.data.limit_fraction = 1.0  # < 1: class-balanced subset (MM-FM's 10%-data study), also
+    c.data.limit_seed = 42  # used by --stage=fit_gmm, so the GMM is fit on the same subset
 
     # ---- stage 1 (frozen RAE) ------------------------------------------------------
     c.rae = ml_collections.ConfigDict()

@@ -257,6 +257,31 @@ def test_two_processes_build_the_same_global_batches_as_one(trees):
                 batch[key], np.concatenate([two[0][k][key], two[1][k][key]]))
 
 
+def test_class_balanced_subset_for_the_data_limit_study(trees):
+    labels = np.repeat([0, 1, 2], [10, 6, 4])
+    keep = D.class_balanced_subset(labels, 0.5, seed=42)
+    assert np.bincount(labels[keep]).tolist() == [5, 3, 2]
+    np.testing.assert_array_equal(keep, D.class_balanced_subset(labels, 0.5, seed=42))
+    assert not np.array_equal(keep, D.class_balanced_subset(labels, 0.5, seed=7))
+    assert np.bincount(labels[D.class_balanced_subset(labels, 0.01, 0)]).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="limit_fraction"):
+        D.class_balanced_subset(labels, 0.0, 0)
+    # the loaders (training stream and the GMM's ordered pass) see the same subset
+    cfg = _cfg(path=str(trees[0]), limit_fraction=0.25, limit_seed=3)
+    full = _eval_all(_cfg(path=str(trees[0])))
+    sub = _eval_all(cfg)
+    assert int(sub["mask"].sum()) == 6
+    assert np.bincount(sub["label"][sub["mask"]]).tolist() == [2, 2, 2]
+    full_images = {img.tobytes() for img in full["image"][full["mask"]]}
+    assert {img.tobytes() for img in sub["image"][sub["mask"]]} <= full_images
+    train = list(D.make_train_loader(_cfg(path=str(trees[0]), limit_fraction=0.25,
+                                          limit_seed=3, random_flip=False),
+                                     global_batch=2, seed=0, process_index=0, process_count=1,
+                                     num_epochs=1))
+    assert ({img.tobytes() for b in train for img in b["image"]}
+            == {img.tobytes() for img in sub["image"][sub["mask"]]})
+
+
 def test_same_seed_same_stream_other_seed_other_stream(trees):
     cfg = _cfg(path=str(trees[0]))
     make = lambda seed: iter(D.make_train_loader(cfg, global_batch=4, seed=seed,

@@ -19,6 +19,8 @@ from mmfm_jax.data.sources import (
     DecodedSource,
     DigitsSource,
     ImageFolderSource,
+    SubsetSource,
+    class_balanced_subset,
     list_imagefolder,
     load_digits_split,
 )
@@ -26,7 +28,8 @@ from mmfm_jax.data.transforms import center_crop_arr, decode_and_crop, flip_deci
 
 __all__ = [
     "DecodedSource", "DigitsSource", "EvalLoader", "ImageFolderSource", "LatentCacheSource",
-    "LatentCacheWriter", "PackedSource", "TrainLoader", "center_crop_arr", "decode_and_crop",
+    "LatentCacheWriter", "PackedSource", "SubsetSource", "TrainLoader", "center_crop_arr",
+    "class_balanced_subset", "decode_and_crop",
     "flip_decision", "list_imagefolder", "load_digits_split", "make_eval_loader",
     "make_source", "make_train_loader", "pack_imagefolder", "record_rng", "write_latent_cache",
 ]

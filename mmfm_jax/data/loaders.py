@@ -23,7 +23,13 @@ from grain._src.python.dataset.transformations.batch import make_batch  # not re
 
 from mmfm_jax.data.latent_cache import LatentCacheSource
 from mmfm_jax.data.packed import PackedSource
-from mmfm_jax.data.sources import DecodedSource, DigitsSource, ImageFolderSource
+from mmfm_jax.data.sources import (
+    DecodedSource,
+    DigitsSource,
+    ImageFolderSource,
+    SubsetSource,
+    class_balanced_subset,
+)
 from mmfm_jax.data.transforms import flip_decision, record_rng
 
 KINDS = ("digits", "imagefolder", "arrayrecord", "latent_cache")
@@ -50,6 +56,13 @@ def make_source(data_cfg, image_size: int | None = None):
         raise ValueError(f"data.kind={kind!r} needs data.path (the ImageNet train split)")
     raw = ImageFolderSource(data_cfg.path) if kind == "imagefolder" else PackedSource(
         data_cfg.path)
+    fraction = float(_get(data_cfg, "limit_fraction", 1.0))
+    if fraction != 1.0:
+        if not hasattr(raw, "labels"):
+            raise ValueError(f"data.limit_fraction={fraction} needs data.kind='imagefolder' "
+                             "(the class-balanced subset reads the labels of every record)")
+        raw = SubsetSource(raw, class_balanced_subset(raw.labels, fraction,
+                                                      int(_get(data_cfg, "limit_seed", 42))))
     return DecodedSource(raw, size)
 
 

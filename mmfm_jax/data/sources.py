@@ -59,6 +59,10 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self._labels)
 
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
     def __repr__(self) -> str:
         return f"ImageFolderSource(root={self.root!r}, num_records={len(self)})"
 
@@ -75,6 +79,42 @@ class ImageFolderSource:
             log.warning("skipping unreadable image %s (record %d): %s", name, key, err)
             data = None
         return {"bytes": data, "label": int(self._labels[key]), "name": name}
+
+
+def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted record indices of a class-balanced `fraction` of the data (MM-FM's
+    `--data-limit-percentage` study): per class round(fraction * n_c) records, at least one,
+    drawn without replacement by a generator seeded with `seed`."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.limit_fraction={fraction}: expected a fraction in (0, 1]")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = max(1, int(round(fraction * len(members))))
+        keep.append(rng.choice(members, size=n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+class SubsetSource:
+    """The records `indices` of a raw source, renumbered 0..len-1 (flips key on the new
+    numbers, so a subset run is deterministic on its own)."""
+
+    def __init__(self, raw, indices: np.ndarray):
+        self.raw, self.indices = raw, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self.raw!r}, num_records={len(self)})"
+
+    def name(self, key: int) -> str:
+        return self.raw.name(int(self.indices[key]))
+
+    def __getitem__(self, key: int) -> dict:
+        return self.raw[int(self.indices[int(key)])]
 
 
 def load_digits_split(holdout: float | int = 0.2, seed: int = 0):
