@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from mmfm_jax import parallel
 from mmfm_jax.models.dinov2 import Buffer, Dinov2Config, Dinov2Encoder, KeySeq
 from mmfm_jax.models.rae_decoder import DecoderConfig, RAEDecoder
+from mmfm_jax.models.state_arrays import merge_from_arrays, variable_path
 from mmfm_jax.resize import resize_bicubic
 
 CONFIG_FILE = "config.json"
@@ -131,10 +132,6 @@ class RAE(nnx.Module):
 # ------------------------------------------------------------------------------ files
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-
-
 def abstract_rae(cfg: RAEConfig, dtype=jnp.float32) -> RAE:
     """The model with shape-only variables (nothing allocated)."""
     return nnx.eval_shape(lambda: RAE(cfg, rngs=nnx.Rngs(0), dtype=dtype))
@@ -148,7 +145,7 @@ def expected_shapes(cfg: RAEConfig) -> dict[str, tuple[int, ...]]:
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(cfg: RAEConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     _, state = nnx.split(abstract_rae(cfg))
-    return tuple((_path_str(path), tuple(v.shape)) for path, v in nnx.to_flat_state(state))
+    return tuple((variable_path(path), tuple(v.shape)) for path, v in nnx.to_flat_state(state))
 
 
 def check_arrays(cfg: RAEConfig, arrays: Mapping[str, np.ndarray], source: str) -> None:
@@ -184,11 +181,6 @@ def load_config(rae_dir: str) -> RAEConfig:
         return RAEConfig.from_dict(json.load(f), source=path)
 
 
-def _variable_sharding(var: nnx.Variable, mesh) -> NamedSharding:
-    names = var.get_metadata().get("out_sharding")
-    return parallel.logical_sharding(mesh, names, tuple(var.shape))
-
-
 def rae_from_arrays(cfg: RAEConfig, arrays: Mapping[str, np.ndarray], *, source: str = "",
                     mesh=None, compute_dtype: str = "float32") -> RAE:
     """Build the RAE from {"path": array}, strictly; on `mesh`, variables are placed by
@@ -197,16 +189,7 @@ def rae_from_arrays(cfg: RAEConfig, arrays: Mapping[str, np.ndarray], *, source:
         raise ValueError(f"compute_dtype={compute_dtype!r}; use one of {list(COMPUTE_DTYPES)}")
     check_arrays(cfg, arrays, source)
     graphdef, state = nnx.split(abstract_rae(cfg, COMPUTE_DTYPES[compute_dtype]))
-
-    def fill(path, var):
-        value = np.asarray(arrays[_path_str(path)], np.float32)
-        if mesh is None:
-            return var.replace(jnp.asarray(value))
-        return var.replace(jax.device_put(value, _variable_sharding(var, mesh)))
-
-    state = jax.tree_util.tree_map_with_path(fill, state,
-                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.merge(graphdef, state)
+    return merge_from_arrays(graphdef, state, arrays, mesh)
 
 
 def load_rae(rae_dir: str, *, mesh=None, compute_dtype: str = "float32") -> RAE:

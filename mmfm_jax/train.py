@@ -35,6 +35,7 @@ from mmfm_jax import flow, parallel
 from mmfm_jax.checkpoint import Checkpointer, PreemptionGuard, check_finite
 from mmfm_jax.metrics import MetricWriter, Progress
 from mmfm_jax.models import DiTDH, DiTDHConfig, export_torch_state_dict, state_shardings
+from mmfm_jax.models.state_arrays import flat_variables
 
 # Dense bf16 peak TFLOP/s per device, for MFU (matched as substrings of device_kind).
 PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("v5p", 459.0),
@@ -181,20 +182,13 @@ def _pure(state):
     return nnx.to_pure_dict(state)
 
 
-def _leaf_paths(tree) -> list[str]:
-    leaves = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            for path, _ in leaves]
-
-
 def _state_shardings(mcfg: DiTDHConfig, tx, mesh) -> tuple[ModelParts, TrainState]:
     """ModelParts and the NamedSharding tree of the TrainState (params by their logical
     axes, optimizer moments like their params, scalars replicated)."""
     abstract = nnx.eval_shape(lambda: DiTDH(mcfg, rngs=nnx.Rngs(0)))
     graphdef, params, frozen = _split(abstract)
     for state in (params, frozen):  # ModelParts.merge pairs leaves by flattening order
-        if _leaf_paths(state) != _leaf_paths(_pure(state)):
+        if list(flat_variables(state)) != list(flat_variables(_pure(state))):
             raise AssertionError("nnx.State and its pure dict flatten in different orders")
     parts = ModelParts(graphdef, jax.tree.structure(params), jax.tree.structure(frozen))
     _, p_sh, f_sh = _split(state_shardings(abstract, mesh))

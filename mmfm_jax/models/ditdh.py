@@ -34,6 +34,7 @@ from mmfm_jax.models.layers import (
     modulate,
     swiglu_hidden,
 )
+from mmfm_jax.models.state_arrays import flat_variables, merge_from_arrays, variable_sharding
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -371,17 +372,11 @@ def to_torch_layout(kind: str, value: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 # State as flat {"path/to/param": array}, sharding, save / load.
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-
-
 def flat_state(model_or_state) -> dict[str, nnx.Variable]:
     """{"path/to/var": Variable} for every variable (Param, Frozen, Buffer) of the model."""
     state = (nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module)
              else model_or_state)
-    leaves = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    return {_path_str(path): var for path, var in leaves}
+    return flat_variables(state)
 
 
 def abstract_model(config: DiTDHConfig) -> DiTDH:
@@ -394,18 +389,11 @@ def count_params(model: DiTDH) -> int:
     return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def param_sharding(var: nnx.Variable, mesh) -> jax.sharding.NamedSharding:
-    """NamedSharding of one variable from its logical axes; dims the mesh does not divide
-    (and un-annotated constants) stay replicated."""
-    axes = var.get_metadata().get("out_sharding")
-    return parallel.logical_sharding(mesh, axes, shape=var.shape)
-
-
 def state_shardings(model_or_state, mesh):
     """The NamedSharding tree matching `nnx.state(model)` (or the given state)."""
     state = (nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module)
              else model_or_state)
-    return jax.tree.map(lambda v: v.replace(param_sharding(v, mesh)), state,
+    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -431,17 +419,7 @@ def model_from_arrays(config: DiTDHConfig, arrays: Mapping[str, np.ndarray], *, 
     if missing or unexpected or misshaped:
         raise ValueError(f"{source}: missing {missing}, unexpected {unexpected}, "
                          f"mis-shaped {misshaped}")
-
-    def fill(path, var):
-        key = _path_str(path)
-        value = np.asarray(arrays[key], np.float32)
-        if mesh is None:
-            return var.replace(jnp.asarray(value))
-        return var.replace(jax.device_put(value, param_sharding(var, mesh)))
-
-    state = jax.tree_util.tree_map_with_path(fill, state,
-                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.merge(graphdef, state)
+    return merge_from_arrays(graphdef, state, arrays, mesh)
 
 
 def _host_arrays(model: DiTDH) -> dict[str, np.ndarray]:
