@@ -35,6 +35,7 @@ from flax import nnx
 from configs.base import MODEL_SIZES, get_base_config
 from mmfm_jax import parallel, sample_job
 from mmfm_jax import train as train_lib
+from mmfm_jax.files import write_json
 from mmfm_jax.flow import default_shift
 from mmfm_jax.models import DiTDH, DiTDHConfig, shard_model
 from mmfm_jax.models.ditdh import abstract_model
@@ -693,11 +694,7 @@ def main(argv=None) -> dict:
     if jax.process_index() == 0:
         print(format_table(result), flush=True)
         if args.json:
-            tmp = args.json + ".tmp"
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2, sort_keys=True)
-            os.replace(tmp, args.json)
+            write_json(args.json, result, indent=2, sort_keys=True)
             print(f"wrote {args.json}", flush=True)
     return result
 

@@ -1,9 +1,10 @@
 """Config validation: every invalid run stops before any work with one line naming the key."""
 
-import json
 import os
 
 import ml_collections
+
+from mmfm_jax.files import write_json
 
 STAGES = ("all", "fit_gmm", "train", "sample", "eval")
 
@@ -76,10 +77,5 @@ def validate(cfg: ml_collections.ConfigDict, stage: str, num_devices: int) -> No
 
 def save(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     """Write the resolved config as `<workdir>/config.json` (atomically; gs:// works)."""
-    from etils import epath
-
-    root = epath.Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list))
-    tmp.replace(root / "config.json")
+    write_json(f"{workdir}/config.json", cfg.to_dict(), indent=2, sort_keys=True,
+               default=list)

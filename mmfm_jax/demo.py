@@ -13,7 +13,6 @@ workdir resumes (finished stages are skipped).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from mmfm_jax import parallel, train
 from mmfm_jax.evaluate import frechet_distance
+from mmfm_jax.files import write_json
 
 EULER_STEPS = (5, 10, 25, 50)
 METHODS = ("mm_fm", "gaussian")
@@ -149,10 +149,7 @@ def run_demo(cfg, workdir: str, mesh) -> dict:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         write_plots(workdir, fd, grids)
-        tmp = os.path.join(workdir, "metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(tmp, os.path.join(workdir, "metrics.json"))
+        write_json(os.path.join(workdir, "metrics.json"), metrics, indent=2)
         print(format_report(metrics))
     return metrics
 

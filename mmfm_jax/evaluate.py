@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from mmfm_jax import parallel
+from mmfm_jax.files import write_json
 from mmfm_jax.metrics import Progress
 from mmfm_jax.models import inception as inception_lib
 
@@ -486,11 +487,7 @@ def evaluate_samples(samples_path: str, ref_path: str, inception_dir: str, mesh=
         "seconds": time.perf_counter() - t0,
     }
     if out_path and jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        os.replace(tmp, out_path)
+        write_json(out_path, result, indent=2, sort_keys=True)
     return result
 
 

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from mmfm_jax.files import write_json
+
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -71,10 +73,7 @@ class LatentCacheWriter:
             arr.flush()
         meta = dict(num_records=self.num_records, latent_shape=list(self.latent_shape),
                     cls_dim=self.cls_dim, dtype=self.dtype, flip_axis=1)
-        tmp = os.path.join(self.path, "meta.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, os.path.join(self.path, "meta.json"))
+        write_json(os.path.join(self.path, "meta.json"), meta)
 
 
 def write_latent_cache(path: str, latents, cls, labels, dtype: str = "float16") -> None:
