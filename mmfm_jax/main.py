@@ -44,28 +44,15 @@ STAGE_FUNCTIONS = {
 
 
 def _stage_function(name: str):
+    """Imported on use, so a sampling-only run never imports the trainer (and vice versa)."""
     module_name, fn_name = STAGE_FUNCTIONS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("mmfm_jax"):
-            raise config_lib.ConfigError(
-                f"stage {name!r} is not available in this build ({module_name} is missing)"
-            ) from e
-        raise
-    return getattr(module, fn_name)
+    return getattr(importlib.import_module(module_name), fn_name)
 
 
 def _default_workdir(cfg) -> str:
-    config_file = os.path.splitext(os.path.basename(_config_path()))[0]
+    config_path = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
+    config_file = os.path.splitext(os.path.basename(config_path))[0]
     return os.path.join("workdir", f"{config_file}_{cfg.preset}")
-
-
-def _config_path() -> str:
-    for arg in sys.argv[1:]:
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1].split(":")[0]
-    return "configs/mode_gmm.py"
 
 
 def run(argv) -> None:
