@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.base import MODEL_SIZES, get_base_config
 from mmfm_jax import parallel, sample_job
 from mmfm_jax import train as train_lib
+from mmfm_jax.config_schema import get_base_config
 from mmfm_jax.files import write_json
 from mmfm_jax.flow import default_shift
 from mmfm_jax.models import DiTDH, DiTDHConfig, shard_model
-from mmfm_jax.models.ditdh import abstract_model
+from mmfm_jax.models.ditdh import MODEL_SIZES, abstract_model
 
 # Named sizes plus two small ones for tests and smoke runs (encoder, head).
 SIZES = dict(MODEL_SIZES,

@@ -17,6 +17,23 @@ import jax
 import numpy as np
 
 
+# Dense bf16 peak TFLOP/s per device, for MFU (matched as substrings of device_kind).
+PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("v5p", 459.0),
+               ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0))
+
+
+def peak_tflops(override: float | None = None) -> float | None:
+    """Per-device dense bf16 peak for MFU: `override` when > 0, else the device-kind table
+    (None on CPU and unknown devices, where MFU is not reported)."""
+    if override:
+        return float(override)
+    kind = jax.devices()[0].device_kind.lower()
+    for name, value in PEAK_TFLOPS:
+        if name.lower() in kind:
+            return value
+    return None
+
+
 class MetricWriter:
     """Append one JSON record per call to `<workdir>/metrics.jsonl` and mirror the scalars
     to TensorBoard under `<workdir>/tensorboard`."""

@@ -121,6 +121,34 @@ def num_batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple` (padding a batch to whole shards)."""
+    return -(-int(n) // int(multiple)) * int(multiple)
+
+
+def shard_batch_size(batch_size: int, mesh: Mesh) -> int:
+    """The smallest batch >= `batch_size` (and >= one row per shard) that the mesh's batch
+    axes split evenly."""
+    shards = num_batch_shards(mesh)
+    return max(shards, round_up(batch_size, shards))
+
+
+def replicate_unplaced(tree, mesh: Mesh):
+    """Leaves not already on `mesh` become replicated global arrays there; placed ones stay.
+
+    Built from a host copy with `make_array_from_callback`, so it also works when the mesh
+    spans several processes (each process fills its own devices).
+    """
+    rep = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, rep, lambda idx: host[idx])
+    return jax.tree.map(put, tree)
+
+
 def host_to_global(tree, mesh: Mesh):
     """Host-local numpy batches (this process's rows) -> global arrays split over `data`.
 

@@ -40,6 +40,15 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 NUM_FREQS = 256  # Gaussian-Fourier features of t
 
+# DiTDH sizes (REFERENCE.md c.5): (encoder, head) widths, depths and heads; the head is
+# shared by every size.
+MODEL_SIZES = {
+    "S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
+    "B": dict(hidden_size=(768, 2048), depth=(12, 2), num_heads=(12, 16)),
+    "L": dict(hidden_size=(1024, 2048), depth=(24, 2), num_heads=(16, 16)),
+    "XL": dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16)),
+}
+
 
 def _pair(v) -> tuple[int, int]:
     if isinstance(v, (list, tuple)):

@@ -1,4 +1,8 @@
-"""Shared configuration schema for every MM-FM run (big_vision style: configs are code).
+"""The configuration schema of every MM-FM run: each key a run reads, its default, presets.
+
+The experiment files in `configs/` (big_vision style: configs are code) call
+`get_base_config` and choose the source and conditioning; the library (bench, tests) builds
+run configs from the same schema, so it never imports `configs/`.
 
 `get_base_config(source, mode_conditional, preset)` returns the full ConfigDict; the three
 experiment files only choose the source and the conditioning. Every number a run depends
@@ -7,15 +11,9 @@ on lives here and is written to `<workdir>/config.json`.
 
 import ml_collections
 
-PRESETS = ("demo", "imagenet256_xl", "imagenet256_s")
+from mmfm_jax.models.ditdh import MODEL_SIZES
 
-# DiTDH sizes (REFERENCE.md c.5). The head is shared by every size.
-MODEL_SIZES = {
-    "S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
-    "B": dict(hidden_size=(768, 2048), depth=(12, 2), num_heads=(12, 16)),
-    "L": dict(hidden_size=(1024, 2048), depth=(24, 2), num_heads=(16, 16)),
-    "XL": dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16)),
-}
+PRESETS = ("demo", "imagenet256_xl", "imagenet256_s")
 
 
 def _model(size: str, input_size: int, in_channels: int, num_classes: int):
