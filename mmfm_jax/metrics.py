@@ -16,7 +16,6 @@ import time
 import jax
 import numpy as np
 
-
 # Dense bf16 peak TFLOP/s per device, for MFU (matched as substrings of device_kind).
 PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("v5p", 459.0),
                ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0))
