@@ -4,7 +4,7 @@ Presets: demo (default), imagenet256_xl, imagenet256_s. Usage:
   python -m mmfm_jax.main --config=configs/uncond_gmm.py[:PRESET] --workdir=DIR
 """
 
-from mmfm_jax.config_schema import get_base_config
+from configs.base import get_base_config
 
 
 def get_config(preset=None):

@@ -1,4 +1,5 @@
-"""`python -m convert {ditdh,rae,gmm,inception} ...`: one sub-command per artifact kind."""
+"""`python -m convert {ditdh,rae,gmm,inception,artifacts} ...`: one sub-command per artifact
+kind, and `artifacts`, which runs them all over MM-FM's release folder."""
 
 import argparse
 import importlib
@@ -9,6 +10,7 @@ COMMANDS = {
     "rae": "convert.rae",
     "gmm": "convert.gmm",
     "inception": "convert.inception",
+    "artifacts": "convert.artifacts",
 }
 
 
@@ -25,7 +27,8 @@ def main(argv=None) -> int:
         module = importlib.import_module(module_name)
         modules[name] = module
         p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
-                           description=module.__doc__)
+                           description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
     args = parser.parse_args(argv)
     from convert.common import ConversionError

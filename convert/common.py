@@ -1,21 +1,20 @@
-"""What every converter shares: safe loading, strict key matching, atomic output dirs.
+"""What every converter shares: safe loading, strict key matching, the report.
 
 Every converter maps an upstream state dict to named numpy arrays, checks that every key
-is consumed and every shape matches, and writes its output directory atomically (a
-temporary sibling renamed into place), so a failed conversion leaves nothing behind.
+is consumed and every shape matches (the library's `strict_keys`), and writes a model
+directory through `mmfm_jax.models.model_dir` (atomically: a failed conversion leaves
+nothing behind; the GMM converter uses `mmfm_jax.files.atomic_directory` itself).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
+
+from mmfm_jax.models.strict_keys import check_keys
 
 
 class ConversionError(ValueError):
@@ -57,88 +56,33 @@ def to_numpy_state(state: Mapping, path: str = "") -> dict[str, np.ndarray]:
 
 
 class KeyConsumer:
-    """Hands out state-dict entries by key with shape checks and records what was used.
+    """Hands out state-dict entries by key and records what was asked for, with which shape.
 
-    `finish()` raises one error listing missing, mis-shaped and unexpected keys, so a
-    corrupted or mismatched checkpoint is refused with everything wrong named at once.
+    `finish()` runs the library's one strict check (`strict_keys.check_keys`): one error
+    listing missing, mis-shaped and unexpected keys, so a corrupted or mismatched
+    checkpoint is refused with everything wrong named at once. Callers that find a layout
+    they cannot interpret add their own line to `misshaped`.
     """
 
     def __init__(self, state: Mapping[str, np.ndarray], source: str,
                  ignore: tuple[str, ...] = ()):
         self.state = dict(state)
         self.source = source
-        self.used: set[str] = set(k for k in self.state if k in ignore)
-        self.missing: list[str] = []
+        self.ignore = tuple(ignore)
+        self.expected: dict[str, tuple[int, ...] | None] = {}
         self.misshaped: list[str] = []
 
     def __contains__(self, key: str) -> bool:
         return key in self.state
 
     def take(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
-        if key not in self.state:
-            self.missing.append(key + (f" (expected shape {tuple(shape)})" if shape else ""))
-            return None
-        self.used.add(key)
-        value = self.state[key]
-        if shape is not None and tuple(value.shape) != tuple(shape):
-            self.misshaped.append(f"{key}: shape {tuple(value.shape)}, expected {tuple(shape)}")
-        return value
+        """The entry (None when missing); `shape`, when given, is checked by `finish`."""
+        self.expected[key] = None if shape is None else tuple(shape)
+        return self.state.get(key)
 
     def finish(self) -> None:
-        unexpected = [k for k in self.state if k not in self.used]
-        problems = []
-        if self.missing:
-            problems.append("missing keys: " + ", ".join(self.missing))
-        if self.misshaped:
-            problems.append("mis-shaped keys: " + "; ".join(self.misshaped))
-        if unexpected:
-            problems.append("unexpected keys: " + ", ".join(
-                f"{k} {tuple(self.state[k].shape)}" for k in unexpected))
-        if problems:
-            raise ConversionError(f"{self.source}: " + " | ".join(problems))
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str) -> Iterator[str]:
-    """Yield a temporary directory next to `out_dir`; rename it into place on success.
-
-    An existing `out_dir` is replaced only after the new one is complete. On any error the
-    temporary directory is removed and `out_dir` is left as it was.
-    """
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        _make_readable(tmp)
-        if os.path.exists(out_dir):
-            old = tmp + ".old"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_readable(root: str) -> None:
-    """mkdtemp creates 0700 (and some writers 0600): give the result normal permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o777 & ~umask)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
-
-
-def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        check_keys(self.expected, self.state, self.source, ignore=self.ignore,
+                   misshaped=self.misshaped, error=ConversionError)
 
 
 def report(lines: list[str]) -> None:

@@ -6,6 +6,15 @@ present; a dict with `model` but no `ema` is refused unless `--weights model` (t
 loader rule). The architecture comes from `--params` (the `stage_2.params` mapping as JSON or
 YAML, or a whole upstream config YAML) or, without it, is inferred from the tensor shapes.
 Every key must be consumed with the expected shape; the output is written atomically.
+
+Conditioning (`use_y_conditioning`, which shapes cannot show: an unconditional model still
+carries its unused label table) comes from, in this order: `--conditional/--unconditional`,
+a `use_y_conditioning` entry of `--params`, the MM-FM training dict (`training_cfg`
+entries, the training YAML named by `config_path`: `...-UNCONDITIONAL-...` or
+`...-MODE-CONDITIONAL-...`), the release file name (`uncond-gmm-*`, `mode-gmm-*`). A training
+dict that says nothing is refused with one line; a raw state dict is RAE's release layout
+(class-conditional) unless its name says otherwise; with `--params`, upstream's default
+(conditional) applies.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from convert.common import ConversionError, KeyConsumer, load_torch, report, to_numpy_state
+from convert.conditioning import resolve as resolve_conditioning
+from convert.conditioning import unused_table_note
 
 
 def add_arguments(parser) -> None:
@@ -29,6 +40,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output model directory")
     parser.add_argument("--weights", choices=("ema", "model"), default=None,
                         help="which weights of a training dict (default: ema, as upstream)")
+    parser.add_argument("--scan-blocks", action="store_true",
+                        help="store the blocks stacked (scan_blocks layout); either layout "
+                             "loads into either model")
+    cond = parser.add_mutually_exclusive_group()
+    cond.add_argument("--conditional", dest="conditioning", action="store_const", const=True,
+                      default=None, help="the model reads its label (mode or class) y")
+    cond.add_argument("--unconditional", dest="conditioning", action="store_const",
+                      const=False, help="the model ignores y (use_y_conditioning false; "
+                                        "its label table is kept but unused)")
 
 
 def select_state(obj, path: str, weights: str | None = None) -> tuple[Mapping, str]:
@@ -108,22 +128,31 @@ def infer_params(state: Mapping[str, np.ndarray], source: str) -> dict:
 
 def map_state(state: Mapping[str, np.ndarray], config, source: str) -> dict[str, np.ndarray]:
     """Upstream arrays -> {"path": array} of the port, refusing any missing, unexpected or
-    mis-shaped key. Returns views (no copies), so shape-only inputs cost no memory."""
+    mis-shaped key. Unrolled blocks are views (no copies), so shape-only inputs cost no
+    memory; with `config.scan_blocks` the upstream `blocks.{i}` are stacked along the
+    leading axis of `encoder_blocks/...` and `head_blocks/...` (a copy)."""
     from mmfm_jax.models.ditdh import from_torch_layout, torch_key_map
 
     keys = KeyConsumer(state, source)
-    out = {}
+    out, layers = {}, {}
     for spec in torch_key_map(config):
         value = keys.take(spec.torch_key, spec.torch_shape)
-        if value is not None and tuple(value.shape) == spec.torch_shape:
+        if value is None or tuple(value.shape) != spec.torch_shape:
+            continue
+        if spec.layer is None:
             out[spec.path] = from_torch_layout(spec.kind, value)
+        else:
+            layers.setdefault(spec.path, []).append(from_torch_layout(spec.kind, value))
     keys.finish()
+    out.update({path: np.stack(values) for path, values in layers.items()})
     return out
 
 
 def convert(ckpt: str, out_dir: str, params: str | None = None,
-            weights: str | None = None) -> list[str]:
-    """Convert `ckpt` into `out_dir`; returns the report lines."""
+            weights: str | None = None, conditioning: bool | None = None,
+            scan_blocks: bool = False) -> list[str]:
+    """Convert `ckpt` into `out_dir`; returns the report lines. `conditioning` (None: read
+    from the file, see `convert.conditioning`) sets use_y_conditioning."""
     from mmfm_jax.models.ditdh import DiTDHConfig, save_arrays
 
     lines = [f"read {ckpt}"]
@@ -141,8 +170,12 @@ def convert(ckpt: str, out_dir: str, params: str | None = None,
     else:
         upstream = read_params(params)
         lines.append(f"  config: {params}")
+    use_y, line = resolve_conditioning(obj, ckpt, requested=conditioning,
+                                       params=None if params is None else upstream)
+    upstream["use_y_conditioning"] = use_y
+    lines += [line, *unused_table_note(state, use_y)]
     try:
-        config = DiTDHConfig.from_upstream_params(upstream)
+        config = DiTDHConfig.from_upstream_params(upstream, scan_blocks=scan_blocks)
     except ValueError as e:
         raise ConversionError(f"{params or ckpt}: {e}") from e
     arrays = map_state(state, config, ckpt)
@@ -158,4 +191,5 @@ _NON_TRAINABLE = ("pos_embed", "t_embedder/W")
 
 
 def run(args) -> None:
-    report(convert(args.ckpt, args.out, params=args.params, weights=args.weights))
+    report(convert(args.ckpt, args.out, params=args.params, weights=args.weights,
+                   conditioning=args.conditioning, scan_blocks=args.scan_blocks))

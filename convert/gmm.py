@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from convert.common import ConversionError, atomic_directory, report
+from convert.common import ConversionError, report
+from mmfm_jax.files import atomic_directory
 
 
 def add_arguments(parser) -> None:

@@ -31,14 +31,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from convert.common import (
-    ConversionError,
-    KeyConsumer,
-    atomic_directory,
-    load_torch,
-    report,
-    to_numpy_state,
-)
+from convert.common import ConversionError, KeyConsumer, load_torch, report, to_numpy_state
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -510,8 +503,7 @@ def run(args) -> None:
         f", mean {'None' if stats['mean'] is None else tuple(stats['mean'].shape)}; "
         f"eps {cfg.latent_eps:g}",
     ]
-    with atomic_directory(args.out) as tmp:
-        write_rae(tmp, cfg, arrays)
+    write_rae(args.out, cfg, arrays)
     lines.append(f"wrote {args.out}: {len(arrays)} arrays, {_count(arrays):,} values, "
                  "config.json + weights.safetensors")
     report(lines)

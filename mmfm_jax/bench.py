@@ -7,16 +7,18 @@ step, on cached latents with the Gaussian source) and `sample` the production sa
 (`sample_job.Sampler`: the 50-point Euler loop in one program, plain and with
 autoguidance). TFLOP/s use the model's analytic count (`DiTDHConfig.flops_per_sample`, a
 train step = 3 forwards), checked against XLA's cost analysis; MFU divides by the dense
-bf16 peak of the device kind (null on CPU). `--vs-torch` times the plain PyTorch DiTDH of
-the tests (tests/torch_ditdh.py, run as upstream runs it) in the same process first and
-adds `ratio_vs_reference` = reference time / ours; `gmm --vs-sklearn` does the same
-against scikit-learn.
+bf16 peak of the device kind (`metrics.peak_tflops`, null on CPU). `--vs-torch` times the
+plain PyTorch DiTDH of benchmarks/torch_ditdh.py (run as upstream runs it, by
+`mmfm_jax.bench_torch`) in the same process first and adds `ratio_vs_reference` =
+reference time / ours; `gmm --vs-sklearn` does the same against scikit-learn. `inception`
+times the FID job's `evaluate.InceptionNet`; `report` renders JSON files as the README's
+table.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -32,12 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmfm_jax import parallel, sample_job
+from mmfm_jax import bench_compile, bench_torch, memory_plan, parallel, sample_job
+from mmfm_jax import metrics as metrics_lib
 from mmfm_jax import train as train_lib
 from mmfm_jax.config_schema import get_base_config
+from mmfm_jax.evaluate import InceptionNet
 from mmfm_jax.files import write_json
 from mmfm_jax.flow import default_shift
 from mmfm_jax.models import DiTDH, DiTDHConfig, shard_model
+from mmfm_jax.models import inception as inception_lib
 from mmfm_jax.models.ditdh import MODEL_SIZES, abstract_model
 
 # Named sizes plus two small ones for tests and smoke runs (encoder, head).
@@ -47,6 +52,7 @@ SIZES = dict(MODEL_SIZES,
 GUIDE_SIZE = {"tiny": "tiny_guide", "tiny_guide": "tiny_guide"}  # others: DiTDH-S (MM-FM)
 NUM_SAMPLE_STEPS = 50
 GUIDANCE_SCALE = 1.5
+INCEPTION_IMAGE_SIZE = 256  # ImageNet 256 samples, as the FID job reads them
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "scikit-learn")
 
 
@@ -64,8 +70,8 @@ def environment(peak_override: float | None = None) -> dict:
     return {"device_kind": dev.device_kind, "platform": dev.platform,
             "num_devices": jax.device_count(), "num_processes": jax.process_count(),
             "host_cpu": _cpu_model(), "host_cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "versions": versions, "peak_tflops_per_device": peak_tflops(peak_override)}
+            "python": platform.python_version(), "versions": versions,
+            "peak_tflops_per_device": metrics_lib.peak_tflops(peak_override)}
 
 
 def _cpu_model() -> str:
@@ -77,17 +83,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def peak_tflops(override: float | None = None) -> float | None:
-    """Dense bf16 peak per device (train.PEAK_TFLOPS by device kind); None on CPU."""
-    if override:
-        return float(override)
-    kind = jax.devices()[0].device_kind.lower()
-    for name, value in train_lib.PEAK_TFLOPS:
-        if name.lower() in kind:
-            return value
-    return None
 
 
 def peak_memory() -> dict:
@@ -130,25 +125,17 @@ def _timed(run, carry, warmup: int, iters: int):
 
 
 def model_config(size: str, *, input_size: int, channels: int, num_classes: int,
-                 dtype: str = "float32", remat: bool = False,
+                 dtype: str = "float32", remat: str | None = None, scan: bool | None = None,
                  attention: str | None = None) -> DiTDHConfig:
+    """A DiTDH of a named size; remat / scan only when given (the model's defaults else)."""
     if size not in SIZES:
         raise ValueError(f"--size {size!r}: choose one of {', '.join(SIZES)}")
     s = SIZES[size]
     return DiTDHConfig(input_size=input_size, in_channels=channels,
                        hidden_size=s["hidden_size"], depth=s["depth"],
                        num_heads=s["num_heads"], num_classes=num_classes,
-                       compute_dtype=dtype, remat=remat, attention_impl=attention)
-
-
-def upstream_params(cfg: DiTDHConfig) -> dict:
-    """RAE's `stage_2.params` for `cfg` (what the PyTorch reference is built from)."""
-    return {"input_size": cfg.input_size, "patch_size": 1, "in_channels": cfg.in_channels,
-            "hidden_size": list(cfg.hidden_size), "depth": list(cfg.depth),
-            "num_heads": list(cfg.num_heads), "mlp_ratio": cfg.mlp_ratio,
-            "class_dropout_prob": cfg.class_dropout_prob, "num_classes": cfg.num_classes,
-            "use_qknorm": False, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True,
-            "wo_shift": False}
+                       compute_dtype=dtype, attention_impl=attention,
+                       **bench_compile.model_option_values(remat=remat, scan=scan))
 
 
 def forward_flops_check(cfg: DiTDHConfig, batch: int = 1) -> dict:
@@ -167,16 +154,12 @@ def forward_flops_check(cfg: DiTDHConfig, batch: int = 1) -> dict:
             "forward_flops_xla_over_analytic": None if xla is None else xla / batch / analytic}
 
 
-def _round_batch(batch: int, mesh) -> int:
-    shards = parallel.num_batch_shards(mesh)
-    return max(shards, -(-batch // shards) * shards)
-
-
 # -------------------------------------------------------------------------------- train
 
-def run_config(args, batch: int):
+def run_config(args, batch: int, mesh_sizes: dict | None = None):
     """The run's ConfigDict: production defaults (imagenet256_xl) with the benchmark's model,
-    Gaussian source and cached latents (the encoder is not part of the timed step)."""
+    Gaussian source and cached latents (the encoder is not part of the timed step); the
+    mesh is (data -1, fsdp --fsdp) unless `mesh_sizes` are given."""
     cfg = get_base_config("gaussian", False, "imagenet256_xl")
     size = SIZES[args.size]
     m = cfg.model
@@ -184,13 +167,18 @@ def run_config(args, batch: int):
     m.hidden_size, m.depth, m.num_heads = (size["hidden_size"], size["depth"],
                                            size["num_heads"])
     m.input_size, m.in_channels, m.num_classes = args.input_size, args.channels, args.num_classes
-    m.compute_dtype, m.remat = args.dtype, bool(args.remat)
+    m.compute_dtype = args.dtype
+    bench_compile.set_model_options(m, remat=getattr(args, "remat", None),
+                                    scan=getattr(args, "scan", None))
     m.attention_impl = args.attention or ""
     cfg.mode_conditional = True  # labels go through the table, as in the class-cond reference
     cfg.gmm.num_components = args.num_classes
     cfg.rae.kind = "identity"
     cfg.data.image_size = args.input_size
-    cfg.mesh.fsdp = args.fsdp
+    if mesh_sizes is None:
+        cfg.mesh.fsdp = args.fsdp
+    else:
+        cfg.mesh.data, cfg.mesh.fsdp = mesh_sizes["data"], mesh_sizes["fsdp"]
     cfg.train.batch_size = batch
     return cfg
 
@@ -199,27 +187,15 @@ class _TrainProgram:
     """The production step of a Trainer compiled ahead of time at one global batch."""
 
     def __init__(self, trainer, batch: int, donate: bool):
-        mesh, m = trainer.mesh, trainer.cfg.model
-        shape = (batch, m.input_size, m.input_size, m.in_channels)
-        self.batch_abstract = {
-            "latents": jax.ShapeDtypeStruct(shape, jnp.float32,
-                                            sharding=parallel.batch_sharding(mesh, 4)),
-            "cls": jax.ShapeDtypeStruct((batch, m.in_channels), jnp.float32,
-                                        sharding=parallel.batch_sharding(mesh, 2))}
-        step = trainer.step_fn if donate else jax.jit(trainer.step_fn.__wrapped__)
-        t = time.perf_counter()
-        self.compiled = step.lower(trainer.abstract(), trainer.encoder_state, trainer.mixtures,
-                                   self.batch_abstract).compile()
-        self.compile_seconds = time.perf_counter() - t
+        self.batch_abstract = bench_compile.abstract_batch(trainer.mesh, trainer.cfg.model,
+                                                           batch)
+        self.compiled, report = bench_compile.compile_train(trainer, batch, donate=donate)
+        self.compile_seconds = report["lower_seconds"] + report["compile_seconds"]
+        self._memory = report["memory"]
         self.batch = batch
 
     def memory(self) -> dict:
-        mem = self.compiled.memory_analysis()
-        if mem is None:
-            return {}
-        return {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes",
-                                                  "output_size_in_bytes",
-                                                  "alias_size_in_bytes", "temp_size_in_bytes")}
+        return dict(self._memory)
 
 
 def auto_batch(trainer, probe: int, donate: bool, memory_bytes: float | None,
@@ -235,7 +211,7 @@ def auto_batch(trainer, probe: int, donate: bool, memory_bytes: float | None,
         raise SystemExit("bench: --batch auto needs the device memory size; this device "
                          "reports none (pass --memory-gb)")
     shards = parallel.num_batch_shards(mesh)
-    probe = _round_batch(probe, mesh)
+    probe = parallel.shard_batch_size(probe, mesh)
     mem = _TrainProgram(trainer, probe, donate).memory()
     fixed = (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"]
              - mem["alias_size_in_bytes"])
@@ -260,13 +236,14 @@ def bench_train(args, peak: float | None) -> dict:
     settings = _model_settings(args, mcfg)
     rows = []
     if args.vs_torch:  # first: on a GPU it must release its memory before ours allocates
-        rows.append(torch_train(mcfg, _round_batch(int(batch), mesh), args))
+        rows.append(bench_torch.torch_train(mcfg, parallel.shard_batch_size(int(batch), mesh),
+                                            args))
     trainer = train_lib.Trainer.create(cfg, "", mesh)
     extra = {}
     if batch == "auto":
         batch, extra["auto_batch"] = auto_batch(trainer, args.probe_batch, not args.no_donate,
                                                 args.memory_gb and args.memory_gb * 2**30)
-    batch = _round_batch(int(batch), mesh)
+    batch = parallel.shard_batch_size(int(batch), mesh)
     settings["batch"] = batch
     program = _TrainProgram(trainer, batch, not args.no_donate)
     state = trainer.init()
@@ -286,7 +263,7 @@ def bench_train(args, peak: float | None) -> dict:
     fwd = mcfg.flops_per_sample()
     xla = xla_flops(compiled)
     analytic_step = 3 * fwd * batch
-    ours = {"name": "ours", "seconds": seconds, "loss": loss,
+    ours = {"name": "ours", "seconds": seconds, "loss": loss, **_our_threads(),
             **throughput(3 * fwd, batch, seconds, peak)}
     for ref in rows:  # the reference runs on one device
         ref.update(throughput(3 * fwd, ref["batch"], ref["seconds"], peak, devices=1))
@@ -306,8 +283,20 @@ def bench_train(args, peak: float | None) -> dict:
 def _model_settings(args, mcfg: DiTDHConfig) -> dict:
     return {"size": args.size, "input_size": mcfg.input_size, "channels": mcfg.in_channels,
             "num_classes": mcfg.num_classes, "dtype": mcfg.compute_dtype, "remat": mcfg.remat,
+            "scan": getattr(mcfg, "scan_blocks", False),
             "attention": mcfg.attention_impl, "fsdp": args.fsdp, "donate": not args.no_donate,
-            "warmup": args.warmup, "timed_iterations": args.steps}
+            "warmup": args.warmup, "timed_iterations": args.steps,
+            "xla_threads": bench_torch.xla_cpu_threads() if _on_cpu() else None,
+            "torch_threads": bench_torch.reference_threads(args) if args.vs_torch else None}
+
+
+def _on_cpu() -> bool:
+    return jax.devices()[0].platform == "cpu"
+
+
+def _our_threads() -> dict:
+    """The thread count of our row on CPU (XLA:CPU's pool), nothing on accelerators."""
+    return {"threads": bench_torch.xla_cpu_threads()} if _on_cpu() else {}
 
 
 def _add_ratio(rows: list[dict]) -> None:
@@ -323,13 +312,13 @@ def bench_sample(args, peak: float | None) -> dict:
     """50-point Euler sampling of the production Sampler, without and with autoguidance
     (a DiTDH-S guide, as MM-FM), images/s and MFU from the analytic forward count."""
     mesh = parallel.make_mesh({"data": -1, "fsdp": args.fsdp})
-    batch = _round_batch(int(args.batch), mesh)
+    batch = parallel.shard_batch_size(int(args.batch), mesh)
     mcfg = model_config(args.size, input_size=args.input_size, channels=args.channels,
                         num_classes=args.num_classes, dtype=args.dtype,
-                        attention=args.attention)
+                        attention=args.attention, scan=args.scan)
     gcfg = model_config(GUIDE_SIZE.get(args.size, "S"), input_size=args.input_size,
                         channels=args.channels, num_classes=args.num_classes,
-                        dtype=args.dtype, attention=args.attention)
+                        dtype=args.dtype, attention=args.attention, scan=args.scan)
     settings = _model_settings(args, mcfg)
     del settings["remat"], settings["donate"]
     settings.update(batch=batch, guide_size=GUIDE_SIZE.get(args.size, "S"),
@@ -338,8 +327,9 @@ def bench_sample(args, peak: float | None) -> dict:
     guidances = ("none", "autoguidance") if args.guidance == "both" else (args.guidance,)
     if args.vs_torch:
         for guidance in guidances:
-            rows.append(torch_sample(mcfg, gcfg if guidance == "autoguidance" else None,
-                                     batch, args))
+            rows.append(bench_torch.torch_sample(
+                mcfg, gcfg if guidance == "autoguidance" else None, batch, args,
+                num_steps=NUM_SAMPLE_STEPS, guidance_scale=GUIDANCE_SCALE))
     model = shard_model(DiTDH(mcfg, rngs=nnx.Rngs(0)), mesh)
     guide = (shard_model(DiTDH(gcfg, rngs=nnx.Rngs(1)), mesh)
              if "autoguidance" in guidances else None)
@@ -362,7 +352,7 @@ def bench_sample(args, peak: float | None) -> dict:
         fwd = mcfg.flops_per_sample() + (gcfg.flops_per_sample() if guidance ==
                                           "autoguidance" else 0)
         ours.append({"name": f"ours/{guidance}", "seconds": seconds,
-                     "flops_per_image": evals * fwd,
+                     "flops_per_image": evals * fwd, **_our_threads(),
                      **throughput(evals * fwd, batch, seconds, peak)})
     for row, ref in zip(ours, rows):  # the references ran in the same guidance order
         ref["name"] = "torch/" + row["name"].split("/")[1]
@@ -375,174 +365,199 @@ def bench_sample(args, peak: float | None) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------ compile, plan
+
+def bench_compile_cmd(args, peak: float | None) -> dict:
+    """Lower and compile the production train step and sampler of one setting (or, with
+    --compare-scan, of the unscanned and the scanned model) from abstract state."""
+    sizes = bench_compile.parse_mesh(args.mesh)
+    mesh = bench_compile.mesh_on_first_devices(sizes)
+    batch = parallel.shard_batch_size(int(args.batch), mesh)
+    if args.compare_scan and not bench_compile.model_options_supported()["scan_blocks"]:
+        raise bench_compile.CompileError("bench: --compare-scan: this DiTDH has no scanned "
+                                         "blocks yet; compile --no-scan alone")
+    programs, state, remat = [], None, None
+    for scan in ((False, True) if args.compare_scan else (args.scan,)):
+        cfg = run_config(args, batch, mesh_sizes=sizes)
+        bench_compile.set_model_options(cfg.model, scan=scan)
+        trainer = train_lib.Trainer.create(cfg, "", mesh)
+        bench_compile.check_options_applied(trainer.mcfg, remat=args.remat, scan=scan)
+        scanned = bool(getattr(trainer.mcfg, "scan_blocks", False))
+        _, report = bench_compile.compile_train(trainer, batch)
+        programs.append({"program": "train", "scan": scanned, **report})
+        if args.sample:
+            guide = (model_config(GUIDE_SIZE.get(args.size, "S"), input_size=args.input_size,
+                                  channels=args.channels, num_classes=args.num_classes,
+                                  dtype=args.dtype, attention=args.attention, scan=scan)
+                     if args.guidance == "autoguidance" else None)
+            sample_batch = parallel.shard_batch_size(int(args.sample_batch or batch), mesh)
+            _, report = bench_compile.compile_sampler(trainer.mcfg, mesh, sample_batch,
+                                                      guide_cfg=guide,
+                                                      rules=cfg.mesh.get("rules"))
+            programs.append({"program": f"sample/{args.guidance}", "scan": scanned,
+                             "batch": sample_batch, **report})
+        state = bench_compile.state_report(trainer.abstract())
+        remat = bench_compile.remat_name(trainer.mcfg)
+    settings = {"size": args.size, "batch": batch, "per_device_batch": batch // mesh.size,
+                "mesh": sizes, "dtype": args.dtype, "remat": remat,
+                "input_size": args.input_size, "channels": args.channels,
+                "num_classes": args.num_classes, "attention": args.attention,
+                "platform": jax.devices()[0].platform,
+                "persistent_cache_dir": jax.config.jax_compilation_cache_dir}
+    return {"settings": settings, "rows": [], "programs": programs,
+            "analytic_state_per_device": state,
+            "live_array_bytes": bench_compile.live_array_bytes(),
+            "host_peak_rss_bytes": bench_compile.host_peak_rss_bytes()}
+
+
+# Targets of the README's memory-plan table: (name, chips, GiB per chip). TPU v5p-N and
+# v4-N count TensorCores (2 per chip); v5e-N counts chips.
+PLAN_TARGETS = (("8 x H100 80GB", 8, 80.0), ("8 x H200 141GB", 8, 141.0),
+                ("v5p-64 (32 chips x 95 GiB)", 32, 95.0),
+                ("v5e-256 (256 chips x 16 GiB)", 256, 16.0),
+                ("v4-32 (16 chips x 32 GiB)", 16, 32.0))
+MEMORY_MODEL_DIR = bench_torch.REFERENCE.parent  # benchmarks/ of the checkout
+
+
+def _memory_key(args, mcfg: DiTDHConfig) -> str:
+    return (f"DiTDH-{args.size} {mcfg.compute_dtype} latents {mcfg.input_size}x"
+            f"{mcfg.input_size}x{mcfg.in_channels} classes {mcfg.num_classes} "
+            f"scan {bool(getattr(mcfg, 'scan_blocks', False))} attention "
+            f"{mcfg.attention_impl or 'default'}")
+
+
+def _default_model_json(args) -> str:
+    scan = "_scan" if args.scan else ""
+    return str(MEMORY_MODEL_DIR / f"memory_model_{args.size}_{args.dtype}{scan}.json")
+
+
+def memory_model(args, cfg) -> memory_plan.MemoryModel:
+    """The fitted memory model of this model configuration: read from --model-json when
+    it was fitted for the same configuration, else (or with --fit) fitted now from
+    ahead-of-time compiles on 8 CPU devices and written there."""
+    mcfg = train_lib.model_config(cfg)
+    key, path = _memory_key(args, mcfg), args.model_json or _default_model_json(args)
+    if not args.fit and os.path.exists(path):
+        model = memory_plan.load_model(path)
+        if model.description == key:
+            return model
+        print(f"plan: {path} was fitted for '{model.description}', not '{key}': refitting")
+    print(f"plan: fitting the memory model of {key} from ahead-of-time compiles "
+          "(XLA:CPU, nothing allocated)", flush=True)
+
+    def measure(fsdp, remat, per_device_batch, grad_accum):
+        sizes = {"data": memory_plan.FIT_DEVICES // fsdp, "fsdp": fsdp}
+        mem = bench_compile.train_step_memory(cfg, sizes, remat=remat,
+                                              per_device_batch=per_device_batch,
+                                              grad_accum=grad_accum)
+        return mem["peak_bytes_estimate"]
+
+    model = memory_plan.fit_by_compiling(
+        measure, mcfg, remats=bench_compile.remat_choices(), description=key,
+        rules=cfg.mesh.get("rules"), log=lambda line: print(line, flush=True),
+        source=f"XLA:CPU ahead-of-time compiles, jax {jax.__version__} (an estimate "
+               "for accelerators)")
+    write_json(path, model.to_dict(), indent=2, sort_keys=True)
+    print(f"plan: wrote {path}", flush=True)
+    return model
+
+
+def _plan_target(model, mcfg, args, cfg, name: str, devices: int, memory_gib: float) -> dict:
+    fsdps = args.fsdp_choices or memory_plan.divisors(devices)
+    state, params = memory_plan.state_tables(mcfg, devices, fsdps, cfg.mesh.get("rules"))
+    row = {"target": name, "devices": devices, "device_memory_gib": memory_gib}
+    try:
+        best = memory_plan.plan(model.with_tables(state, params), global_batch=args.global_batch,
+                                devices=devices, device_memory_bytes=memory_gib * memory_plan.GIB,
+                                margin=args.margin, fsdps=fsdps, remats=args.remat_choices)
+    except memory_plan.PlanError as e:
+        return {**row, "fits": False, "error": str(e)}
+    return {**row, "fits": True, **dataclasses.asdict(best),
+            "predicted_gib": best.predicted_bytes / memory_plan.GIB}
+
+
+def plan_config(args):
+    """The run config `bench plan` models (its mesh is chosen by the plan)."""
+    return run_config(args, 8, mesh_sizes={"data": -1, "fsdp": 1})
+
+
+def bench_plan_cmd(args, peak: float | None) -> dict:
+    """The fastest (fsdp, remat, grad_accum) that fits, for one target or the README's."""
+    cfg = plan_config(args)
+    mcfg = train_lib.model_config(cfg)
+    model = memory_model(args, cfg)
+    if args.table:
+        targets = PLAN_TARGETS
+    else:
+        memory = args.device_memory or memory_plan.DEVICE_MEMORY_GIB.get(args.device_kind or "")
+        if not args.devices or not memory:
+            raise SystemExit("bench plan: give --devices and --device-memory GiB (or a known "
+                             f"--device-kind: {', '.join(memory_plan.DEVICE_MEMORY_GIB)}), "
+                             "or --table")
+        targets = ((f"{args.devices} x {args.device_kind or f'{memory:g} GiB'}",
+                    args.devices, float(memory)),)
+    rows = [_plan_target(model, mcfg, args, cfg, *t) for t in targets]
+    if not args.table and not rows[0]["fits"]:
+        raise SystemExit(rows[0]["error"])
+    settings = {"size": args.size, "dtype": args.dtype, "global_batch": args.global_batch,
+                "margin": args.margin, "scan": args.scan}
+    return {"settings": settings, "rows": rows, "memory_model": model.to_dict()}
+
+
 # ---------------------------------------------------------------------- gmm, inception
 
 def bench_gmm_cmd(args, peak: float | None) -> dict:
-    from mmfm_jax.bench_gmm import bench_gmm
-    r = bench_gmm(args.n, args.k, args.d, args.steps, args.vs_sklearn, print_fn=print)
-    # E-step distances and statistics: about 6 N K D flops per iteration (float32 here).
-    flops = 6.0 * args.n * args.k * args.d
+    """`gmm`: in-memory EM (truncated and dense M-step) against plain matmuls of the same
+    shapes and optionally scikit-learn, or with --stream EM over a memory-mapped file
+    (mmfm_jax/bench_gmm.py defines every figure). EM runs on one device: TFLOP/s are
+    that device's, counted as 8 N K D per dense iteration."""
+    from mmfm_jax import bench_gmm as bg
+    settings = {"n": args.n, "k": args.k, "d": args.d, "iterations": args.steps}
+    if args.stream:
+        r = bg.bench_gmm_stream(args.n, args.k, args.d, args.steps, args.chunk_rows,
+                                args.memmap, args.gpu_json, print_fn=print)
+        row = {"name": "ours/streamed", "seconds": r["seconds_per_iteration"],
+               "tflops_per_device": r["effective_tflops"]}
+        return {"settings": dict(settings, chunk_rows=args.chunk_rows), "rows": [row],
+                "gmm": r, **peak_memory()}
+    r = bg.bench_gmm(args.n, args.k, args.d, args.steps, args.vs_sklearn, print_fn=print,
+                     dense=not args.no_dense)
     rows = [{"name": "ours", "seconds": r["seconds_per_iteration"],
-             "log_likelihood": r["log_likelihood"],
-             "tflops_per_device": flops / r["seconds_per_iteration"] / jax.device_count() / 1e12}]
+             "log_likelihood": r["log_likelihood"], "tflops_per_device": r["effective_tflops"]}]
     if args.vs_sklearn:
         rows.append({"name": "sklearn", "seconds": r["sklearn_seconds_per_iteration"],
                      "log_likelihood": r["sklearn_log_likelihood"]})
         rows[0]["ratio_vs_reference"] = r["ratio_vs_reference"]
         rows[0]["log_likelihood_rel_diff"] = r["log_likelihood_rel_diff"]
-    return {"settings": {"n": args.n, "k": args.k, "d": args.d, "iterations": args.steps},
-            "rows": rows, **peak_memory()}
+    keys = ("roofline_fraction", "roofline_fraction_truncated", "roofline_seconds",
+            "seconds_per_iteration_dense", "tflops", "matmul_tflops", "ratio_vs_reference",
+            "ratio_vs_reference_dense", "load_average")
+    return {"settings": settings, "rows": rows, "gmm": r,
+            **{k: r[k] for k in keys if k in r}, **peak_memory()}
 
 
 def bench_inception_cmd(args, peak: float | None) -> dict:
-    from mmfm_jax.evaluate import bench_inception
-    r = bench_inception(int(args.batch), args.steps, dtype=args.dtype,
-                        precision=None if args.dtype == "bfloat16" else "highest")
-    row = {"name": "ours", "seconds": r["seconds_per_batch"],
-           "images_per_sec": r["images_per_sec"], "tflops_per_device": r["tflops_per_device"],
-           "mfu": r["tflops_per_device"] / peak if peak else None}
-    return {"settings": {"batch": r["batch"], "image_size": r["image_size"],
-                         "dtype": r["dtype"], "precision": r["precision"],
-                         "timed_iterations": args.steps},
-            "rows": [row], "gflops_per_image_xla": r["gflops_per_image"],
-            "compile_seconds": r["compile_seconds"], **peak_memory()}
-
-
-# ------------------------------------------------------------------ PyTorch reference
-
-def _torch_device(threads: int | None = None):
-    import torch
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _torch_model(cfg: DiTDHConfig, device):
-    """The plain PyTorch DiTDH of the tests (upstream module and key names)."""
-    try:
-        from tests.torch_ditdh import TorchDiTDH
-    except ImportError as e:
-        raise SystemExit("bench: --vs-torch needs tests/torch_ditdh.py (run from the repository "
-                         f"root): {e}") from e
-    return TorchDiTDH(upstream_params(cfg)).to(device)
-
-
-def _torch_sync(device) -> None:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _torch_release(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        import torch
-        torch.cuda.empty_cache()
-
-
-def _torch_timed(fn, device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _torch_sync(device)
+    """Images/s of the FID Inception forward (random weights, uint8 input at
+    INCEPTION_IMAGE_SIZE, resized inside), sharded over every device; compile time excluded."""
+    precision = None if args.dtype == "bfloat16" else "highest"
+    net = InceptionNet(inception_lib.InceptionV3(rngs=nnx.Rngs(0), dtype=jnp.dtype(args.dtype),
+                                                 precision=precision))
+    batch = net.round_batch(int(args.batch))
+    size = INCEPTION_IMAGE_SIZE
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    x = parallel.host_to_global(images[parallel.process_batch_slice(batch)], net.mesh)
     t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _torch_sync(device)
-    return (time.perf_counter() - t) / iters
-
-
-def torch_train(cfg: DiTDHConfig, batch: int, args) -> dict:
-    """The reference's train-step row; its memory is released before ours allocates."""
-    import torch
-    device = _torch_device(args.torch_threads)
-    seconds = _torch_train_seconds(cfg, batch, args, device)
-    _torch_release(device)
-    return {"name": "torch", "seconds": seconds, "device": str(device),
-            "autocast_bf16": cfg.compute_dtype == "bfloat16", "batch": batch,
-            "threads": torch.get_num_threads()}
-
-
-def _torch_train_seconds(cfg: DiTDHConfig, batch: int, args, device) -> float:
-    """Seconds per step of the upstream-style PyTorch step at the same configuration:
-    logit-normal shifted t, velocity MSE under bf16 autocast (when our dtype is bf16),
-    backward, global-norm clip 1.0, AdamW (0.9, 0.95), per-parameter EMA update."""
-    import torch
-    model = _torch_model(cfg, device).train()
-    ema = _torch_model(cfg, device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    autocast = cfg.compute_dtype == "bfloat16"
-    s, c = cfg.input_size, cfg.in_channels
-    shift = default_shift(s, s, c)
-    phi_beta = float(torch.special.ndtr(torch.tensor(math.log(0.999 / 0.001))))
-    gen = torch.Generator(device=device).manual_seed(0)
-    x1 = torch.randn(batch, c, s, s, device=device, generator=gen)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=gen)
-    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters())]
-
-    def step():
-        x0 = torch.randn(x1.shape, device=device, generator=gen)
-        u = torch.rand(batch, device=device, generator=gen) * phi_beta
-        t = torch.sigmoid(torch.special.ndtri(u)).clamp(0, 0.999)
-        t = shift * t / (1 + (shift - 1) * t)
-        tb = t[:, None, None, None]
-        xt, ut = (1 - tb) * x1 + tb * x0, x0 - x1
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            pred = model(xt, t, y)
-        loss = ((pred.float() - ut) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            for e, p in ema_pairs:
-                e.mul_(0.9995).add_(p.detach(), alpha=1 - 0.9995)
-
-    return _torch_timed(step, device, args.warmup, args.steps)
-
-
-def torch_sample(cfg: DiTDHConfig, guide_cfg: DiTDHConfig | None, batch: int, args) -> dict:
-    """The reference's sampling row; its memory is released before ours allocates."""
-    import torch
-    device = _torch_device(args.torch_threads)
-    seconds = _torch_sample_seconds(cfg, guide_cfg, batch, args, device)
-    _torch_release(device)
-    return {"name": "torch", "seconds": seconds, "device": str(device),
-            "autocast_bf16": cfg.compute_dtype == "bfloat16", "batch": batch,
-            "threads": torch.get_num_threads()}
-
-
-def _torch_sample_seconds(cfg: DiTDHConfig, guide_cfg: DiTDHConfig | None, batch: int, args,
-                          device) -> float:
-    """Seconds per batch of the upstream Euler loop (49 evaluations, autoguidance
-    v_g + w (v - v_g) when a guide is given) under no_grad and bf16 autocast as ours."""
-    import torch
-
-    from mmfm_jax.sampling import euler_grid
-    model = _torch_model(cfg, device).eval()
-    guide = None if guide_cfg is None else _torch_model(guide_cfg, device).eval()
-    autocast = cfg.compute_dtype == "bfloat16"
-    s, c = cfg.input_size, cfg.in_channels
-    grid = [float(v) for v in euler_grid(NUM_SAMPLE_STEPS, default_shift(s, s, c))]
-    gen = torch.Generator(device=device).manual_seed(0)
-    noise = torch.randn(batch, c, s, s, device=device, generator=gen)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=gen)
-
-    @torch.no_grad()
-    def sample():
-        x = noise
-        for t_cur, t_next in zip(grid[:-1], grid[1:]):
-            t = torch.full((batch,), t_cur, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                v = model(x, t, y).float()
-                if guide is not None:
-                    v_g = guide(x, t, y).float()
-                    v = v_g + GUIDANCE_SCALE * (v - v_g)
-            x = x + (t_next - t_cur) * v
-        return x
-
-    return _torch_timed(sample, device, min(args.warmup, 1), args.steps)
+    compiled = net.compile(x)
+    compile_seconds = time.perf_counter() - t
+    seconds, _ = _timed(lambda _: compiled(net.state, x), None, 1, args.steps)
+    flops = xla_flops(compiled) or 0.0  # one device's partition
+    tflops = flops / seconds / 1e12
+    row = {"name": "ours", "seconds": seconds, "images_per_sec": batch / seconds,
+           "tflops_per_device": tflops, "mfu": tflops / peak if peak else None}
+    return {"settings": {"batch": batch, "image_size": size, "dtype": args.dtype,
+                         "precision": precision, "timed_iterations": args.steps},
+            "rows": [row], "gflops_per_image_xla": flops * jax.device_count() / batch / 1e9,
+            "compile_seconds": compile_seconds, **peak_memory()}
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -570,6 +585,55 @@ def format_table(result: dict) -> str:
     lines.append(f"peak memory: {result['peak_memory_bytes'] / 2**20:.0f} MiB "
                  f"({result['peak_memory_source']})")
     return "\n".join(lines)
+
+
+def format_compile(result: dict) -> str:
+    """compile: one line per program (seconds, MiB per device), then the analytic state."""
+    env, st, mib = result["environment"], result["settings"], 2**20
+    lines = [f"compile on {env['num_devices']} x {env['device_kind']} ({env['platform']}), "
+             f"jax {env['versions']['jax']}: DiTDH-{st['size']} {st['dtype']}, global batch "
+             f"{st['batch']} ({st['per_device_batch']} per device), mesh {st['mesh']}, remat "
+             f"{st['remat']}. Memory is XLA:CPU's analysis: an estimate for accelerators.",
+             f"{'program':<16}{'scan':>6}{'lower s':>9}{'compile s':>10}{'(cpu s)':>9}"
+             f"{'argument':>10}"
+             f"{'output':>10}{'alias':>10}{'temp':>10}{'code':>8}{'peak':>10}  (MiB per device)"]
+    for p in result["programs"]:
+        m = p["memory"]
+        cells = [m.get(k, 0) / mib for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                             "alias_size_in_bytes", "temp_size_in_bytes")]
+        lines.append(f"{p['program']:<16}{str(p['scan']):>6}{p['lower_seconds']:>9.1f}"
+                     f"{p['compile_seconds']:>10.1f}{p['compile_cpu_seconds']:>9.1f}"
+                     + "".join(f"{c:>10.1f}" for c in cells)
+                     + f"{m.get('generated_code_size_in_bytes', 0) / mib:>8.1f}"
+                     f"{m.get('peak_bytes_estimate', 0) / mib:>10.1f}")
+    a = result["analytic_state_per_device"]
+    lines.append("analytic state per device (MiB, by the applied sharding): " + ", ".join(
+        f"{k} {a[k] / mib:.1f}" for k in ("params", "ema", "adam_mu", "adam_nu", "frozen",
+                                          "total")))
+    lines.append(f"host peak RSS {result['host_peak_rss_bytes'] / 2**30:.2f} GiB, live device "
+                 f"arrays {result['live_array_bytes']} bytes")
+    return "\n".join(lines)
+
+
+def format_plan(result: dict) -> str:
+    """plan: the chosen setting per target, or why nothing fits."""
+    st = result["settings"]
+    lines = [f"memory plan: DiTDH-{st['size']} {st['dtype']}, global batch "
+             f"{st['global_batch']}, fill <= {st['margin']:.0%} of device memory; memory "
+             "model fitted to XLA:CPU compiles (an estimate for accelerators). Order: fewest "
+             "grad_accum, then cheapest remat, then smallest fsdp."]
+    for row in result["rows"]:
+        if row["fits"]:
+            lines.append(f"{row['target']}: fsdp={row['fsdp']} data={row['data']} remat="
+                         f"{row['remat']} grad_accum={row['grad_accum']} micro-batch "
+                         f"{row['micro_batch']}/device: {row['predicted_gib']:.1f} GiB of "
+                         f"{row['device_memory_gib']:g}")
+        else:
+            lines.append(f"{row['target']}: {row['error']}")
+    return "\n".join(lines)
+
+
+FORMATTERS = {"compile": format_compile, "plan": format_plan}
 
 
 REPORT_SETTINGS = ("size", "input_size", "channels", "batch", "dtype", "attention", "remat",
@@ -619,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench",
                                 description=__doc__.strip().splitlines()[0])
     sub = p.add_subparsers(dest="benchmark", required=True)
+    shape = _model_shape_args
 
     def common(sp, steps: int, warmup: int = 1):
         sp.add_argument("--json", help="write the result here")
@@ -628,24 +693,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-device peak for MFU (default: by device kind)")
 
     def model(sp, batch: str):
-        sp.add_argument("--size", default="S", choices=sorted(SIZES))
+        shape(sp, "S")
         sp.add_argument("--batch", type=_batch, default=batch, help="global batch")
-        sp.add_argument("--input-size", type=int, default=16, help="latent side S")
-        sp.add_argument("--channels", type=int, default=768, help="latent channels C")
-        sp.add_argument("--num-classes", type=int, default=1000)
-        sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-        sp.add_argument("--attention", choices=("xla", "cudnn"), default=None,
-                        help="jax.nn.dot_product_attention implementation (default: JAX's)")
         sp.add_argument("--fsdp", type=int, default=1, help="FSDP mesh axis size")
         sp.add_argument("--no-donate", action="store_true", help="do not donate the state")
         sp.add_argument("--vs-torch", action="store_true",
-                        help="also time the PyTorch reference (tests/torch_ditdh.py)")
+                        help="also time the PyTorch reference (benchmarks/torch_ditdh.py)")
         sp.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads for the reference (default: torch's)")
+                        help="torch.set_num_threads for the reference (default: the "
+                        "threads XLA:CPU uses, so both get the same cores)")
 
     tr = sub.add_parser("train", help="the jitted train step")
     model(tr, "8")
-    tr.add_argument("--remat", action="store_true", help="rematerialise every block")
+    tr.add_argument("--remat", nargs="?", const="full", default=None, choices=REMAT_NAMES,
+                    help="rematerialise every block (bare: full; or a jax.checkpoint_policies "
+                    "name where the model has policies)")
     tr.add_argument("--probe-batch", type=int, default=32,
                     help="--batch auto: the probe compile's global batch")
     tr.add_argument("--memory-gb", type=float, default=None,
@@ -662,18 +724,115 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--k", type=int, default=256)
     gm.add_argument("--d", type=int, default=768)
     gm.add_argument("--vs-sklearn", action="store_true")
+    gm.add_argument("--no-dense", action="store_true",
+                    help="skip the dense-M-step fit (and so roofline_fraction)")
+    gm.add_argument("--stream", action="store_true",
+                    help="EM over a memory-mapped file read in chunks: s/iteration, peak RSS")
+    gm.add_argument("--chunk-rows", type=int, default=16_384, help="--stream chunk rows")
+    gm.add_argument("--memmap", default=None, help="--stream file (default: a temp file)")
+    gm.add_argument("--gpu-json", default=None,
+                    help="--stream: a GPU `bench gmm --json` file to project ImageNet from")
     common(gm, steps=3, warmup=0)
+    gm.add_argument("--iters", dest="steps", type=int, default=argparse.SUPPRESS,
+                    help="EM iterations timed (API.md's name for --steps)")
     rep = sub.add_parser("report", help="markdown table of benchmark JSON files")
     rep.add_argument("files", nargs="+")
     inc = sub.add_parser("inception", help="FID Inception features per second")
     inc.add_argument("--batch", type=int, default=16)
     inc.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     common(inc, steps=3)
+    _compile_parser(sub)
+    _plan_parser(sub)
     return p
 
 
+REMAT_NAMES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+               "nothing_saveable", "everything_saveable", "checkpoint_dots",
+               "checkpoint_dots_with_no_batch_dims")
+
+
+def _model_shape_args(sp, size: str) -> None:
+    """The model and input options every DiTDH benchmark shares."""
+    sp.add_argument("--size", default=size, choices=sorted(SIZES))
+    sp.add_argument("--input-size", type=int, default=16, help="latent side S")
+    sp.add_argument("--channels", type=int, default=768, help="latent channels C")
+    sp.add_argument("--num-classes", type=int, default=1000)
+    sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    sp.add_argument("--attention", choices=("xla", "cudnn"), default=None,
+                    help="jax.nn.dot_product_attention implementation (default: JAX's)")
+    sp.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
+                    help="scanned blocks (nnx.scan) or the Python loop (default: the model's)")
+
+
+def _aot_args(sp) -> None:
+    sp.add_argument("--platform", choices=("cpu", "native"), default="cpu",
+                    help="cpu: fake CPU devices, as many as needed (default); native: the "
+                    "devices JAX finds")
+    sp.add_argument("--json", help="write the result here")
+    sp.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
+
+
+def _compile_parser(sub) -> None:
+    co = sub.add_parser("compile", help="ahead-of-time compile of the train step and the "
+                        "sampler from abstract state: compile seconds, memory per device")
+    _model_shape_args(co, "XL")
+    co.add_argument("--batch", type=int, default=8, help="global train batch")
+    co.add_argument("--mesh", default="data=1,fsdp=8", help="mesh sizes, e.g. data=1,fsdp=8")
+    co.add_argument("--remat", choices=REMAT_NAMES, default=None,
+                    help="remat policy (default: the model's)")
+    co.add_argument("--compare-scan", action="store_true",
+                    help="compile the unscanned and the scanned model in this one process")
+    co.add_argument("--no-sample", dest="sample", action="store_false",
+                    help="compile only the train step")
+    co.add_argument("--sample-batch", type=int, default=None,
+                    help="global sampling batch (default: --batch)")
+    co.add_argument("--guidance", choices=("none", "autoguidance"), default="none",
+                    help="sampler guidance (autoguidance adds a DiTDH-S guide)")
+    _aot_args(co)
+
+
+def _plan_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="fastest (fsdp, remat, grad_accum) that fits a device, "
+                        "from a memory model fitted to CPU ahead-of-time compiles")
+    _model_shape_args(pl, "XL")
+    pl.add_argument("--global-batch", type=int, default=1024)
+    pl.add_argument("--devices", type=int, default=None, help="accelerator count")
+    pl.add_argument("--device-memory", type=float, default=None, help="GiB per device")
+    pl.add_argument("--device-kind", default=None,
+                    help=f"fills --device-memory: {', '.join(memory_plan.DEVICE_MEMORY_GIB)}")
+    pl.add_argument("--margin", type=float, default=memory_plan.DEFAULT_MARGIN,
+                    help="fraction of device memory the plan may fill")
+    pl.add_argument("--table", action="store_true",
+                    help="plan the README targets: 8 x H100, 8 x H200, v5p-64, v5e-256, v4-32")
+    pl.add_argument("--fsdp", dest="fsdp_choices", type=int, action="append", default=None,
+                    help="restrict fsdp to these sizes (repeatable)")
+    pl.add_argument("--remat", dest="remat_choices", choices=REMAT_NAMES, action="append",
+                    default=None, help="restrict remat to these policies (repeatable)")
+    pl.add_argument("--fit", action="store_true", help="refit the memory model (compiles)")
+    pl.add_argument("--model-json", default=None,
+                    help="fitted memory model (default: benchmarks/memory_model_SIZE_DTYPE.json)")
+    _aot_args(pl)
+
+
 RUNNERS = {"train": bench_train, "sample": bench_sample, "gmm": bench_gmm_cmd,
-           "inception": bench_inception_cmd}
+           "inception": bench_inception_cmd,
+           "compile": bench_compile_cmd, "plan": bench_plan_cmd}
+
+
+def _prepare_devices(args) -> None:
+    """compile / plan run on fake CPU devices, as many as their mesh needs; this must
+    happen before anything starts JAX's backend."""
+    if args.benchmark not in ("compile", "plan"):
+        return
+    if args.benchmark == "compile":
+        sizes = bench_compile.parse_mesh(args.mesh)
+        needed = sizes["data"] * sizes["fsdp"]
+    else:
+        needed = memory_plan.FIT_DEVICES
+    if args.platform == "cpu":
+        bench_compile.ensure_cpu_devices(needed)
+    elif jax.device_count() < needed:
+        raise SystemExit(f"bench: the mesh needs {needed} devices, {jax.device_count()} found")
 
 
 def main(argv=None) -> dict:
@@ -684,6 +843,7 @@ def main(argv=None) -> dict:
     if getattr(args, "vs_torch", False):
         # Torch runs first in the same process; JAX must not take the GPU memory up front.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    _prepare_devices(args)
     parallel.initialize_distributed()
     argv = sys.argv[1:] if argv is None else list(argv)
     result = {"benchmark": args.benchmark,
@@ -692,7 +852,7 @@ def main(argv=None) -> dict:
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     result.update(RUNNERS[args.benchmark](args, result["environment"]["peak_tflops_per_device"]))
     if jax.process_index() == 0:
-        print(format_table(result), flush=True)
+        print(FORMATTERS.get(args.benchmark, format_table)(result), flush=True)
         if args.json:
             write_json(args.json, result, indent=2, sort_keys=True)
             print(f"wrote {args.json}", flush=True)

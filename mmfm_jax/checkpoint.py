@@ -10,10 +10,15 @@
   saves its current step and exits instead of dying mid-step.
 * `check_finite` is the NaN guard: it names the first step whose loss, gradient norm or
   parameter norm is not finite, so the run stops before that state is ever saved.
+* `load_ema_model` is the EMA model of a workdir's latest checkpoint for sampling: it reads
+  only `{ema, frozen}` of the saved state, targets built from the model config alone (no
+  optimizer). `export_ema` writes the EMA weights in the upstream PyTorch layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import os
 import signal
@@ -23,6 +28,11 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mmfm_jax import files, parallel
+from mmfm_jax.config import ConfigError
+from mmfm_jax.model_parts import abstract_model_state, model_config
+from mmfm_jax.models import DiTDH, export_torch_state_dict
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -166,3 +176,56 @@ class PreemptionGuard:
             except RuntimeError:  # preemption service not started: fall back to the flag
                 pass
         return self._event.is_set()
+
+
+def checkpointer(cfg, workdir: str) -> Checkpointer:
+    """The Checkpointer of a run: `<workdir>/checkpoints` with config.train's retention."""
+    return Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.train.ckpt_keep),
+                        keep_period=int(cfg.train.ckpt_keep_period))
+
+
+def load_ema_model(cfg, workdir: str, mesh) -> DiTDH:
+    """The EMA model of the latest checkpoint under `workdir`, sharded over `mesh` by
+    config.mesh.rules, with config.sample.compute_dtype."""
+    mcfg = model_config(cfg)
+    with parallel.axis_rules(cfg.mesh.get("rules")):
+        parts, ema, frozen = abstract_model_state(mcfg, mesh)
+    ckpt = checkpointer(cfg, workdir)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"{ckpt.directory}: no checkpoint to sample from; "
+                              "train first or set config.sample.model_path")
+        restored = ckpt.restore_subset(step, {"ema": ema, "frozen": frozen})
+    finally:
+        ckpt.close()
+    if cfg.sample.compute_dtype != mcfg.compute_dtype:
+        mcfg = dataclasses.replace(mcfg, compute_dtype=cfg.sample.compute_dtype)
+        parts, _, _ = abstract_model_state(mcfg, mesh)
+    logging.info("loaded the EMA model of step %d from %s", step, ckpt.directory)
+    return parts.merge(restored["ema"], restored["frozen"])
+
+
+def export_ema(model: DiTDH, out_dir: str, step: int) -> str:
+    """The EMA weights in the upstream PyTorch state-dict layout: `ema_{step}.pt` (a raw
+    state dict, which RAE's and MM-FM's loaders accept) when torch is installed, else
+    `ema_{step}.safetensors` with the same keys; written atomically. Collective: every
+    process calls it, process 0 writes."""
+    state_dict = export_torch_state_dict(model)
+    if jax.process_index() != 0:
+        return ""
+    try:
+        import torch
+    except ImportError:
+        from safetensors.numpy import save
+        path = os.path.join(out_dir, f"ema_{step:07d}.safetensors")
+        data = save({k: np.ascontiguousarray(v) for k, v in state_dict.items()})
+    else:
+        path = os.path.join(out_dir, f"ema_{step:07d}.pt")
+        buf = io.BytesIO()
+        torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in
+                    state_dict.items()}, buf)
+        data = buf.getvalue()
+    files.write_bytes(path, data)
+    logging.info("exported the EMA weights (upstream layout) to %s", path)
+    return path

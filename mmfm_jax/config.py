@@ -4,6 +4,7 @@ import os
 
 import ml_collections
 
+from mmfm_jax import parallel
 from mmfm_jax.files import write_json
 
 STAGES = ("all", "fit_gmm", "train", "sample", "eval")
@@ -48,10 +49,12 @@ def validate(cfg: ml_collections.ConfigDict, stage: str, num_devices: int) -> No
     if cfg.train.grad_accum < 1 or (cfg.train.batch_size // num_devices) % cfg.train.grad_accum:
         raise ConfigError(f"config.train.grad_accum={cfg.train.grad_accum} must divide the "
                           f"per-device batch {cfg.train.batch_size // num_devices}")
-    for axis, size in cfg.mesh.items():
+    for axis in parallel.MESH_AXES:
+        size = cfg.mesh.get(axis, 1)
         if size != -1 and (size <= 0 or num_devices % size):
             raise ConfigError(f"config.mesh.{axis}={size} does not divide the {num_devices} "
                               "devices; use a divisor or -1 (the rest)")
+    _check_rules(cfg.mesh.get("rules", parallel.LOGICAL_AXIS_RULES))
     if cfg.preset == "demo":
         return
     needs_data = stage in ("all", "fit_gmm", "train")
@@ -73,6 +76,13 @@ def validate(cfg: ml_collections.ConfigDict, stage: str, num_devices: int) -> No
                       "--config.eval.inception_path=DIR")
         _require_path(cfg, "eval.ref_path", "the ADM reference batch",
                       "pass --config.eval.ref_path=VIRTUAL_imagenet256_labeled.npz")
+
+
+def _check_rules(rules) -> None:
+    try:
+        parallel.normalize_rules(rules)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.mesh.rules: {e}") from None
 
 
 def save(cfg: ml_collections.ConfigDict, workdir: str) -> None:

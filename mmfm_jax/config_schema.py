@@ -6,11 +6,15 @@ run configs from the same schema, so it never imports `configs/`.
 
 `get_base_config(source, mode_conditional, preset)` returns the full ConfigDict; the three
 experiment files only choose the source and the conditioning. Every number a run depends
-on lives here and is written to `<workdir>/config.json`.
+on lives here and is written to `<workdir>/config.json`, the sharding too: `mesh.rules`
+holds the logical-axis rules (MaxText's `logical_axis_rules`; default
+`parallel.LOGICAL_AXIS_RULES`), overridable like any key, e.g.
+`--config.mesh.rules="(('batch', ('data', 'fsdp')), ('embed', None), ...)"`.
 """
 
 import ml_collections
 
+from mmfm_jax import parallel
 from mmfm_jax.models.ditdh import MODEL_SIZES
 
 PRESETS = ("demo", "imagenet256_xl", "imagenet256_s")
@@ -28,7 +32,9 @@ def _model(size: str, input_size: int, in_channels: int, num_classes: int):
     m.num_classes = num_classes  # modes for mode-conditional models; null label = num_classes
     m.class_dropout_prob = 0.1  # > 0 adds the null row to the label table
     m.compute_dtype = "bfloat16"  # parameters stay float32
-    m.remat = False
+    # True/"full", False/"none" or a jax.checkpoint_policies name ("dots_saveable", ...):
+    m.remat = ml_collections.FieldReference(False, field_type=object)
+    m.scan_blocks = False  # each stream's blocks as one stacked module under lax.scan
     m.attention_impl = "xla"  # jax.nn.dot_product_attention implementation ("cudnn" on GPU)
     return m
 
@@ -44,6 +50,7 @@ def get_base_config(source: str, mode_conditional: bool, preset: str | None):
     c.mode_conditional = mode_conditional  # mode index through the label table
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+    c.mesh.rules = parallel.LOGICAL_AXIS_RULES  # (logical axis, mesh axes or None) pairs
 
     # ---- data ---------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -64,7 +71,7 @@ def get_base_config(source: str, mode_conditional: bool, preset: str | None):
     c.rae = ml_collections.ConfigDict()
     c.rae.kind = "dinov2"  # dinov2 (converted RAE directory) | identity (demo, pixel space)
     c.rae.path = ""  # directory written by `python -m convert rae`
-    c.rae.compute_dtype = "bfloat16"
+    c.rae.compute_dtype = "float32"  # as upstream encodes training batches (README: precision)
 
     # ---- GMM source -----------------------------------------------------------------
     c.gmm = ml_collections.ConfigDict()
@@ -121,6 +128,7 @@ def get_base_config(source: str, mode_conditional: bool, preset: str | None):
     c.sample.guide_path = ""  # converted DiTDH-S guide directory (autoguidance)
     c.sample.model_path = ""  # converted model directory; empty: EMA of the latest checkpoint
     c.sample.compute_dtype = "float32"
+    c.sample.state_dtype = "float32"  # "bfloat16": MM-FM's --precision bf16 ODE state
     c.sample.seed = 0
     c.sample.png_grid = True
 

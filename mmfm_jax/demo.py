@@ -1,10 +1,12 @@
 """The embedded demo: MM-FM against the Gaussian source on 8x8 digits, end to end on CPU.
 
-It runs the ImageNet code path at toy scale: the identity pixel encoder stands in for the
-RAE (the flattened image is the "CLS token"), `fit_gmm_stage` fits the CLS mixture and the
-spatial statistics, `train_stage` trains a small DiTDH with mode coupling and mode
-conditioning and, for the same number of steps, the Gaussian-source baseline; the sampling
-job's program draws samples at 5, 10, 25 and 50 Euler steps. The report is the pixel-space
+It runs the ImageNet code path at toy scale, through the same stages as the main job: the
+identity pixel encoder stands in for the RAE (the flattened image is the "CLS token"),
+the fit_gmm job fits the CLS mixture and the spatial statistics, the train job trains a
+small DiTDH with mode coupling and mode conditioning and, for the same number of steps,
+the Gaussian-source baseline; the EMA weights come back through
+`checkpoint.load_ema_model` and the sampling job's program draws samples at 5, 10, 25 and
+50 Euler steps. The report is the pixel-space
 Frechet distance to held-out digits per step count (`metrics.json`), the sample grids
 (`samples.png`) and the distance against steps (`fd_vs_steps.png`). Rerunning with the same
 workdir resumes (finished stages are skipped).
@@ -21,9 +23,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmfm_jax import parallel, train
+from mmfm_jax import data, parallel, pixel_encoder, sample_job, train_job
+from mmfm_jax.checkpoint import load_ema_model
 from mmfm_jax.evaluate import frechet_distance
 from mmfm_jax.files import write_json
+from mmfm_jax.gmm.job import fit_gmm_stage
+from mmfm_jax.gmm.stage import load_fitted
 
 EULER_STEPS = (5, 10, 25, 50)
 METHODS = ("mm_fm", "gaussian")
@@ -49,10 +54,8 @@ def _moments(images_unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def sample_images(cfg, model, mixture, mesh, num_steps: int) -> np.ndarray:
     """cfg.sample.num_samples samples of `model` as float images in [0, 1] (B, H, W, C),
     through the sampling job's compiled program (uint8 truncation included)."""
-    from mmfm_jax import pixel_encoder, sample_job
     spec = dataclasses.replace(sample_job.spec_from_config(cfg, model), num_steps=num_steps)
-    shards = parallel.num_batch_shards(mesh)
-    batch = -(-int(cfg.sample.batch_size) // shards) * shards
+    batch = parallel.shard_batch_size(int(cfg.sample.batch_size), mesh)
     sampler = sample_job.Sampler(model, mesh, spec, batch_size=batch, mixture=mixture,
                                  decode_fn=pixel_encoder.decode)
     n = int(cfg.sample.num_samples)
@@ -115,18 +118,13 @@ def run_demo(cfg, workdir: str, mesh) -> dict:
     """Fit, train both sides, sample, and write metrics.json, samples.png, fd_vs_steps.png.
 
     Returns the metrics dict ({"frechet_distance": {...}, "train_steps", "seconds"})."""
-    from mmfm_jax import data, gmm
-
     t0 = time.perf_counter()
     runs = {m: (variant(cfg, m), os.path.join(workdir, m)) for m in METHODS}
-    mm_cfg, mm_dir = runs["mm_fm"]
-    if not (gmm.io.has_cls(train.gmm_dir(mm_cfg, mm_dir))
-            and gmm.io.has_spatial(train.gmm_dir(mm_cfg, mm_dir))):
-        train.fit_gmm_stage(mm_cfg, mm_dir, mesh)
+    fit_gmm_stage(*runs["mm_fm"], mesh)  # nothing to do once both mixtures are saved
     for method in METHODS:
         c, d = runs[method]
         logging.info("demo: training %s for %d steps", method, c.train.num_steps)
-        train.train_stage(c, d, mesh)
+        train_job.train_stage(c, d, mesh)
 
     holdout = cfg.data.get("digits_holdout", 0.2)
     _, heldout, _ = data.load_digits_split(holdout)
@@ -135,8 +133,9 @@ def run_demo(cfg, workdir: str, mesh) -> dict:
     grids: dict[str, dict[int, np.ndarray]] = {m: {} for m in METHODS}
     for method in METHODS:
         c, d = runs[method]
-        model = train.load_ema_model(c, d, mesh)
-        mixture = None if c.source != "gmm" else gmm.load(train.gmm_dir(c, d))[1]
+        model = load_ema_model(c, d, mesh)
+        mixtures = load_fitted(c, d)
+        mixture = None if mixtures is None else mixtures[1]
         for steps in EULER_STEPS:
             images = sample_images(c, model, mixture, mesh, steps)
             mu, sigma = _moments(images)

@@ -1,7 +1,8 @@
 """The flow-matching path of RAE/MM-FM (REFERENCE.md d.1-d.3).
 
 Conventions follow upstream: t = 1 is the source (noise), t = 0 the data;
-x_t = (1 - t) x1 + t x0, target velocity x0 - x1. The model always sees shifted time.
+x_t = (1 - t) x1 + t x0, target velocity x0 - x1. The model always sees shifted time, and
+training and sampling take the shift from the same `time_shift`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ T_MAX = 0.999  # upper end of training time (1 - 1/1000, hard-coded upstream)
 def default_shift(height: int, width: int, channels: int) -> float:
     """s = sqrt(H*W*C / 4096): sqrt(48) for 16x16x768 latents."""
     return math.sqrt(height * width * channels / 4096.0)
+
+
+def time_shift(configured: float, latent_shape: tuple[int, int, int]) -> float:
+    """The run's shift: `configured` (config.train.time_shift) when > 0, else the default
+    for latents of shape (H, W, C)."""
+    if configured > 0:
+        return float(configured)
+    return default_shift(*latent_shape)
 
 
 def shift_time(t: jax.Array, shift: float) -> jax.Array:

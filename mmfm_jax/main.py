@@ -1,8 +1,10 @@
 """The main job: `python -m mmfm_jax.main --config=configs/mode_gmm.py[:PRESET] --workdir=DIR`.
 
-Flags, config, mesh and stage dispatch; nothing else. Stages: fit_gmm (encode the data,
-fit the CLS and spatial mixtures), train, sample, eval; `all` runs them in order (the
-demo preset runs its own end-to-end report). Rerunning with the same workdir resumes.
+Flags, config, mesh, sharding rules and stage dispatch; nothing else. Stages: fit_gmm
+(`gmm/job.py`: encode the data, fit the CLS and spatial mixtures), train (`train_job.py`:
+the trainer with the sample-grid evaluator), sample (`sample_job.py`), eval; `all` runs
+them in order (the demo preset runs its own end-to-end report). Every stage runs inside
+`parallel.axis_rules(config.mesh.rules)`. Rerunning with the same workdir resumes.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 # stage -> (module, function); each function takes (cfg, workdir, mesh).
 STAGE_FUNCTIONS = {
-    "fit_gmm": ("mmfm_jax.train", "fit_gmm_stage"),
-    "train": ("mmfm_jax.train", "train_stage"),
+    "fit_gmm": ("mmfm_jax.gmm.job", "fit_gmm_stage"),
+    "train": ("mmfm_jax.train_job", "train_stage"),
     "sample": ("mmfm_jax.sample_job", "sample_stage"),
     "eval": ("mmfm_jax.evaluate", "eval_stage"),
     "demo": ("mmfm_jax.demo", "run_demo"),
@@ -59,7 +61,6 @@ def run(argv) -> None:
     if len(argv) > 1:
         raise config_lib.ConfigError(f"unexpected arguments {argv[1:]}; use --flag=value")
     import jax
-    from flax import nnx
 
     from mmfm_jax import parallel
 
@@ -76,8 +77,9 @@ def run(argv) -> None:
                  dict(mesh.shape))
     jax.set_mesh(mesh)
     # With a global mesh set, NNX resolves the logical axis names of parameter metadata
-    # ("embed", "mlp", ...) through these rules when it builds (or shape-evaluates) a model.
-    with nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+    # ("embed", "mlp", ...) through the run's rules when it builds (or shape-evaluates) a
+    # model; every sharding built from logical axes in the stages uses them too.
+    with parallel.axis_rules(cfg.mesh.rules):
         if cfg.preset == "demo" and stage == "all":
             _stage_function("demo")(cfg, workdir, mesh)
             return

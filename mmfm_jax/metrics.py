@@ -22,9 +22,10 @@ PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("v5p", 459.0)
 
 
 def peak_tflops(override: float | None = None) -> float | None:
-    """Per-device dense bf16 peak for MFU: `override` when > 0, else the device-kind table
-    (None on CPU and unknown devices, where MFU is not reported)."""
-    if override:
+    """Per-device dense bf16 peak for MFU: `override` when > 0 (config.train.peak_tflops
+    is -1 for "look it up"), else the device-kind table (None on CPU and unknown devices,
+    where MFU is not reported)."""
+    if override is not None and override > 0:
         return float(override)
     kind = jax.devices()[0].device_kind.lower()
     for name, value in PEAK_TFLOPS:

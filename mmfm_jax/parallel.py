@@ -1,8 +1,13 @@
 """The one device mesh every program shares: DiTDH training and sampling, EM, Inception.
 
 * `make_mesh(cfg.mesh)` builds a `(data, fsdp)` mesh; a size of -1 means "the rest".
-* `LOGICAL_AXIS_RULES` maps logical array axes (as annotated on parameters and
-  activations) to mesh axes: sharding rules as data, as in MaxText.
+* Logical axis rules map logical array axes (as annotated on parameters and activations)
+  to mesh axes: sharding rules as data, as in MaxText and big_vision. A run's rules are
+  `config.mesh.rules` (default `LOGICAL_AXIS_RULES`); `axis_rules(rules)` makes them the
+  table every sharding without explicit rules resolves through (ours and NNX's), so the
+  models annotate axes and never name a table.
+* `round_up`, `shard_batch_size` and `replicate_unplaced` are the batch-padding and
+  "put the rest on the mesh" helpers every job shares.
 * `host_to_global` / `global_to_host` move host-local numpy batches onto the mesh and back,
   also across processes.
 * `initialize_distributed` starts JAX's multi-controller runtime when this is one of
@@ -11,13 +16,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp")
@@ -25,7 +33,8 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over every device
 
 # Logical axis name -> mesh axes (None = replicated). Parameters use "embed" for their
 # model-width axis, so FSDP shards them over `fsdp`; activations use "batch".
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+LOGICAL_AXIS_RULES: Rules = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", None),
@@ -37,6 +46,45 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("modes", BATCH_AXES),  # GMM components (K) when the accumulators are large
     ("features", None),
 )
+_ACTIVE_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar(
+    "mmfm_axis_rules", default=LOGICAL_AXIS_RULES)
+
+
+def normalize_rules(rules) -> Rules:
+    """`rules` as hashable (name, mesh axes) pairs: config.json hands them back as lists.
+
+    Raises ValueError (one line) for an entry that is not a pair or names a mesh axis that
+    is not in MESH_AXES."""
+    out = []
+    for entry in rules:
+        if isinstance(entry, str) or len(entry) != 2:
+            raise ValueError(f"rule {entry!r} is not a (logical axis, mesh axes) pair")
+        name, axes = entry
+        group = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        unknown = [a for a in group if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"logical axis {name!r} maps to unknown mesh axis {unknown[0]!r}; "
+                             f"the mesh axes are {', '.join(MESH_AXES)}")
+        out.append((str(name), axes if axes is None or isinstance(axes, str) else group))
+    return tuple(out)
+
+
+def active_rules() -> Rules:
+    """The rules of the innermost `axis_rules` (LOGICAL_AXIS_RULES outside any)."""
+    return _ACTIVE_RULES.get()
+
+
+@contextlib.contextmanager
+def axis_rules(rules=None) -> Iterator[Rules]:
+    """Resolve every sharding that names no rules through `rules` (None: the default
+    table) inside the block: `logical_sharding` here and NNX's parameter metadata."""
+    table = LOGICAL_AXIS_RULES if rules is None else normalize_rules(rules)
+    token = _ACTIVE_RULES.set(table)
+    try:
+        with nnx.logical_axis_rules(table):
+            yield table
+    finally:
+        _ACTIVE_RULES.reset(token)
 
 
 def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -69,11 +117,12 @@ def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices=None) -> Mesh:
 
 
 def logical_to_spec(logical_axes: Sequence[str | None] | None,
-                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
-    """PartitionSpec for an array whose axes carry logical names (None = replicated)."""
+                    rules: Rules | None = None) -> PartitionSpec:
+    """PartitionSpec for an array whose axes carry logical names (None = replicated), by
+    `rules` (None: the active rules)."""
     if logical_axes is None:
         return PartitionSpec()
-    table = dict(rules)
+    table = dict(active_rules() if rules is None else rules)
     used: set[str] = set()
     out = []
     for name in logical_axes:
@@ -101,7 +150,9 @@ def _fits(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpe
     return PartitionSpec(*out)
 
 
-def logical_sharding(mesh: Mesh, logical_axes, shape=None, rules=LOGICAL_AXIS_RULES):
+def logical_sharding(mesh: Mesh, logical_axes, shape=None, rules: Rules | None = None):
+    """NamedSharding of logical axes on `mesh`; with `shape`, mesh axes that do not divide
+    a dimension leave it replicated."""
     spec = logical_to_spec(logical_axes, rules)
     if shape is not None:
         spec = _fits(shape, spec, mesh)

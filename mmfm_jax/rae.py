@@ -8,35 +8,36 @@ assignment. `RAE.decode` reverses the normalisation, runs the ViT decoder and un
 the ImageNet normalisation, without clamping. Both are pure, so a jitted train or
 sampling step can call them.
 
-A converted directory (`python -m convert rae`) holds `config.json` and
-`weights.safetensors` ({"encoder/...": ..., "decoder/...": ..., "latent_var": ...}),
-with statistics stored channels-last (h, w, C).
+A converted directory (`python -m convert rae`) is a model directory of the common
+format (`models/model_dir.py`, "mmfm_jax.rae"): `config.json` (the RAEConfig) and
+`weights.safetensors` ({"encoder/...": ..., "decoder/...": ..., "latent_var": ...}), with
+statistics stored channels-last (h, w, C). `encode_sharded` / `decode_sharded` run host
+batches over a mesh in fixed-size chunks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
-import os
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from mmfm_jax import parallel
-from mmfm_jax.models.dinov2 import Buffer, Dinov2Config, Dinov2Encoder, KeySeq
+from mmfm_jax.models import model_dir
+from mmfm_jax.models.dinov2 import Dinov2Config, Dinov2Encoder
+from mmfm_jax.models.layers import Buffer, KeySeq
 from mmfm_jax.models.rae_decoder import DecoderConfig, RAEDecoder
-from mmfm_jax.models.state_arrays import merge_from_arrays, variable_path
+from mmfm_jax.models.state_arrays import variable_path
+from mmfm_jax.models.strict_keys import check_keys
 from mmfm_jax.resize import resize_bicubic
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
-FORMAT = "mmfm_jax.rae/1"
+FORMAT = "mmfm_jax.rae"
+MODEL_DIR = model_dir.Format(FORMAT, convert_hint="convert with `python -m convert rae`",
+                             legacy=(model_dir.Layout("mmfm_jax.rae/1"),))  # before format_version
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -50,12 +51,10 @@ class RAEConfig:
     has_latent_mean: bool = False
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, **dataclasses.asdict(self)}
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping, source: str = "") -> RAEConfig:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"{source}: format {d.get('format')!r}, expected {FORMAT!r}")
+    def from_dict(cls, d: Mapping) -> RAEConfig:
         tuples = lambda sub: {k: tuple(v) if isinstance(v, list) else v
                               for k, v in sub.items()}
         return cls(encoder=Dinov2Config(**tuples(d["encoder"])),
@@ -150,58 +149,30 @@ def _expected_shapes(cfg: RAEConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 def check_arrays(cfg: RAEConfig, arrays: Mapping[str, np.ndarray], source: str) -> None:
     """Refuse any missing, unexpected or mis-shaped array, naming all of them at once."""
-    want = expected_shapes(cfg)
-    missing = [f"{k} {s}" for k, s in want.items() if k not in arrays]
-    unexpected = [f"{k} {tuple(arrays[k].shape)}" for k in arrays if k not in want]
-    misshaped = [f"{k}: shape {tuple(arrays[k].shape)}, expected {s}"
-                 for k, s in want.items() if k in arrays and tuple(arrays[k].shape) != s]
-    problems = [f"{name}: {', '.join(items)}" for name, items in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                if items]
-    if problems:
-        raise ValueError(f"{source}: " + " | ".join(problems))
+    check_keys(expected_shapes(cfg), arrays, source)
 
 
 def write_rae(out_dir: str, cfg: RAEConfig, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write `config.json` + `weights.safetensors` into an existing (temporary) folder."""
-    from safetensors.numpy import save_file
-
+    """Write the model directory `out_dir` (config.json + weights.safetensors) atomically,
+    after checking `arrays` against `cfg`."""
     check_arrays(cfg, arrays, out_dir)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()},
-              os.path.join(out_dir, WEIGHTS_FILE))
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    model_dir.write(out_dir, MODEL_DIR, cfg.to_dict(), arrays)
 
 
-def load_config(rae_dir: str) -> RAEConfig:
-    path = os.path.join(rae_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing; convert with `python -m convert rae`")
-    with open(path) as f:
-        return RAEConfig.from_dict(json.load(f), source=path)
-
-
-def rae_from_arrays(cfg: RAEConfig, arrays: Mapping[str, np.ndarray], *, source: str = "",
-                    mesh=None, compute_dtype: str = "float32") -> RAE:
-    """Build the RAE from {"path": array}, strictly; on `mesh`, variables are placed by
-    their logical axis names (width axes over `fsdp`, the rest replicated)."""
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype={compute_dtype!r}; use one of {list(COMPUTE_DTYPES)}")
-    check_arrays(cfg, arrays, source)
-    graphdef, state = nnx.split(abstract_rae(cfg, COMPUTE_DTYPES[compute_dtype]))
-    return merge_from_arrays(graphdef, state, arrays, mesh)
+def _compute_dtype(name: str):
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={name!r}; use one of {list(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 def load_rae(rae_dir: str, *, mesh=None, compute_dtype: str = "float32") -> RAE:
-    """The RAE of a converted directory, float32 parameters, `compute_dtype` matmuls."""
-    from safetensors.numpy import load_file
-
-    cfg = load_config(rae_dir)
-    path = os.path.join(rae_dir, WEIGHTS_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing RAE weights")
-    return rae_from_arrays(cfg, load_file(path), source=path, mesh=mesh,
-                           compute_dtype=compute_dtype)
+    """The RAE of a converted directory, float32 parameters, `compute_dtype` matmuls; on
+    `mesh`, variables are placed by their logical axis names (width axes over `fsdp`, the
+    rest replicated)."""
+    dtype = _compute_dtype(compute_dtype)
+    return model_dir.load(rae_dir, MODEL_DIR,
+                          lambda saved: abstract_rae(RAEConfig.from_dict(saved), dtype),
+                          mesh=mesh)
 
 
 # ------------------------------------------------------------------ sharded host batches
@@ -212,25 +183,15 @@ def _jitted(graphdef, method: str):
     return jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
 
 
-def _on_mesh(state, mesh):
-    """Variables not yet on `mesh` are replicated onto it (already placed ones stay)."""
-    def place(x):
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-            return x
-        return jax.device_put(x, parallel.replicated(mesh))
-    return jax.tree.map(place, state)
-
-
 def _apply_sharded(rae: RAE, method: str, x: np.ndarray, mesh, batch_size: int | None):
     if len(x) == 0:
         raise ValueError(f"RAE.{method}: empty batch")
     graphdef, state = nnx.split(rae)
-    state = _on_mesh(state, mesh)
+    state = parallel.replicate_unplaced(state, mesh)  # loaded without a mesh: replicate
     fn = _jitted(graphdef, method)
     local_shards = max(parallel.num_batch_shards(mesh) // jax.process_count(), 1)
     n = len(x)
-    step = math.ceil((batch_size or n) / local_shards) * local_shards
+    step = parallel.round_up(batch_size or n, local_shards)
     outputs = []
     for start in range(0, n, step):
         chunk = np.asarray(x[start:start + step])

@@ -9,6 +9,11 @@ process 0 merges the shards into `samples/samples_{N}.npz` (`arr_0` uint8 NHWC, 
 
 Paths go through `etils.epath`, so the workdir may be local, NFS or `gs://` (the merge
 needs every process's shards visible to process 0: a shared filesystem or a bucket).
+
+The model is a converted directory (config.sample.model_path) or the EMA weights of the
+workdir's latest checkpoint (`checkpoint.load_ema_model`); the mixture comes from the
+run's GMM directory (`gmm.stage.load_fitted`). `grid_evaluator` is the same program as a
+training evaluator: a PNG grid of EMA samples, which the train job hands to the loop.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmfm_jax import parallel, sampling
-from mmfm_jax.flow import default_shift
+from mmfm_jax import files, parallel, sampling
+from mmfm_jax.checkpoint import load_ema_model
+from mmfm_jax.flow import time_shift
+from mmfm_jax.gmm.stage import load_fitted
+from mmfm_jax.models import load_ditdh
 
 SHARD_RE = re.compile(r"^shard_(\d{7})_(\d{7})\.npz$")
 GRID_SIZE = 64
@@ -47,6 +55,7 @@ class SampleSpec:
     interval: tuple[float, float] = (0.0, 1.0)
     num_classes: int = 0  # class-conditional models: labels drawn uniformly in [0, n)
     seed: int = 0
+    state_dtype: str = "float32"  # ODE state; "bfloat16": MM-FM's --precision bf16 protocol
 
 
 def draw_sources(spec: SampleSpec, indices: jax.Array, null_label: int, mixture=None):
@@ -89,20 +98,10 @@ def generate(model, indices: jax.Array, spec: SampleSpec, *, mixture=None, guide
         velocity = sampling.cfg_velocity(model, y, scale=spec.scale, interval=spec.interval)
     else:
         velocity = sampling.conditional_velocity(model, y)
-    latents = sampling.euler_sample(velocity, x0, num_steps=spec.num_steps, shift=spec.shift)
+    latents = sampling.euler_sample(velocity, x0, num_steps=spec.num_steps, shift=spec.shift,
+                                    state_dtype=spec.state_dtype)
     images = latents if decode_fn is None else decode_fn(latents)
     return to_uint8(images), labels
-
-
-def _on_mesh(tree, mesh):
-    """Leaves not yet on `mesh` become replicated global arrays (works across processes)."""
-    def put(x):
-        if isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh:
-            return x
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, parallel.replicated(mesh),
-                                            lambda idx: host[idx])
-    return jax.tree.map(put, tree)
 
 
 def _split(obj):
@@ -138,7 +137,8 @@ class Sampler:
         graphdef, model_state = nnx.split(model)
         guide_graph, guide_state = nnx.split(guide) if guide is not None else (None, None)
         decode_apply, decode_state = _split(decode_fn)
-        self._args = _on_mesh((model_state, guide_state, decode_state, mixture), mesh)
+        self._args = parallel.replicate_unplaced(
+            (model_state, guide_state, decode_state, mixture), mesh)
         self._sharding = parallel.batch_sharding(mesh, 1)
 
         def program(model_state, guide_state, decode_state, mixture, indices):
@@ -167,23 +167,11 @@ class Sampler:
 
 # ---- shard files --------------------------------------------------------------------------
 
-def _npz_header(path: epath.Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one member of an .npz without reading the data."""
-    with path.open("rb") as f, zipfile.ZipFile(f) as zf, zf.open(key + ".npy") as member:
-        fmt = np.lib.format
-        readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
-        version = fmt.read_magic(member)
-        if version not in readers:
-            raise ValueError(f"npy format version {version} is not supported")
-        shape, _, dtype = readers[version](member)
-    return tuple(shape), np.dtype(dtype)
-
-
 def _shard_problem(path: epath.Path, start: int, end: int) -> str | None:
     """Why a shard file is unusable (None when it is complete)."""
     try:
-        shape, dtype = _npz_header(path, "arr_0")
-        lshape, _ = _npz_header(path, "labels")
+        shape, dtype = files.npz_header(path, "arr_0")
+        lshape, _ = files.npz_header(path, "labels")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         return f"unreadable ({type(e).__name__}: {e})"
     if dtype != np.uint8 or len(shape) != 4 or shape[0] != end - start or shape[-1] != 3:
@@ -230,12 +218,10 @@ def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _write_npz(path: epath.Path, **arrays) -> None:
-    """Atomic write: a temporary name, then a rename."""
+    """Atomic write; the temporary name is per process, so processes never share one."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path.parent / (path.name + f".tmp{jax.process_index()}")
-    tmp.write_bytes(buf.getvalue())
-    tmp.rename(path)
+    files.write_bytes(path, buf.getvalue(), suffix=f".tmp{jax.process_index()}")
 
 
 def merge_shards(samples_dir: epath.Path, num_samples: int) -> epath.Path:
@@ -257,7 +243,7 @@ def merge_shards(samples_dir: epath.Path, num_samples: int) -> epath.Path:
         raise RuntimeError(f"{samples_dir}: samples {pos}..{num_samples - 1} are missing")
     if pos > num_samples:
         raise RuntimeError(f"{used[-1][2]} ends at {pos}, past num_samples={num_samples}")
-    image_shape, _ = _npz_header(used[0][2], "arr_0")
+    image_shape, _ = files.npz_header(used[0][2], "arr_0")
     out = samples_dir / f"samples_{num_samples}.npz"
     tmp = samples_dir / (out.name + ".tmp")
     labels = []
@@ -292,7 +278,26 @@ def write_grid(images: np.ndarray, path: epath.Path) -> None:
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")
-    path.write_bytes(buf.getvalue())
+    files.write_bytes(path, buf.getvalue())
+
+
+def grid_evaluator(cfg, workdir: str, mesh, *, mixture=None, decode_fn=None,
+                   num_images: int = GRID_SIZE) -> Callable[[int, object], str]:
+    """A training evaluator: `evaluate(step, ema_model)` writes a PNG grid of `num_images`
+    samples (this job's program, indices 0..) as `<workdir>/samples/train_grid_{step}.png`
+    and returns its path. `mixture` and `decode_fn` are the trainer's (on the mesh)."""
+    batch = parallel.shard_batch_size(num_images, mesh)
+    out_dir = epath.Path(workdir) / "samples"
+
+    def evaluate(step: int, model) -> str:
+        sampler = Sampler(model, mesh, spec_from_config(cfg, model), batch_size=batch,
+                          mixture=mixture, decode_fn=decode_fn)
+        _, images, _ = sampler(0)
+        out = out_dir / f"train_grid_{step:07d}.png"
+        if jax.process_index() == 0:
+            write_grid(images[:num_images], out)
+        return str(out)
+    return evaluate
 
 
 # ---- the job --------------------------------------------------------------------------------
@@ -360,7 +365,7 @@ def spec_from_config(cfg, model) -> SampleSpec:
     """The sampler settings of a run: grid, shift (the training shift), conditioning."""
     mc = model.config
     shape = (mc.input_size, mc.input_size, mc.in_channels)
-    shift = cfg.train.time_shift if cfg.train.time_shift > 0 else default_shift(*shape)
+    shift = time_shift(cfg.train.time_shift, shape)
     if cfg.mode_conditional:
         conditioning = "mode"
     elif cfg.sample.guidance == "cfg":
@@ -371,18 +376,15 @@ def spec_from_config(cfg, model) -> SampleSpec:
                       conditioning=conditioning, guidance=cfg.sample.guidance,
                       scale=float(cfg.sample.guidance_scale),
                       interval=tuple(float(v) for v in cfg.sample.guidance_interval),
-                      num_classes=mc.num_classes, seed=cfg.sample.seed)
+                      num_classes=mc.num_classes, seed=cfg.sample.seed,
+                      state_dtype=str(cfg.sample.state_dtype))
 
 
 def _load_model(cfg, workdir: str, mesh):
-    from mmfm_jax.models import load_ditdh
-
     if cfg.sample.model_path:
         return load_ditdh(cfg.sample.model_path, mesh=mesh,
                           compute_dtype=cfg.sample.compute_dtype)
-    from mmfm_jax import train  # the EMA weights of the latest checkpoint in the workdir
-
-    return train.load_ema_model(cfg, workdir, mesh)
+    return load_ema_model(cfg, workdir, mesh)  # the EMA of the workdir's latest checkpoint
 
 
 def _load_decoder(cfg):
@@ -393,23 +395,17 @@ def _load_decoder(cfg):
     return rae.load_rae(cfg.rae.path).decode
 
 
-def _load_mixture(cfg, workdir: str):
-    if cfg.source != "gmm":
-        return None
-    from mmfm_jax import gmm
-    return gmm.load(cfg.gmm.path or str(epath.Path(workdir) / "gmm"))[1]
-
-
 def sample_stage(cfg, workdir: str, mesh) -> epath.Path:
     """`--stage=sample`: cfg.sample.num_samples images into <workdir>/samples."""
     model = _load_model(cfg, workdir, mesh)
     guide = None
     if cfg.sample.guidance == "autoguidance":
-        from mmfm_jax.models import load_ditdh
         guide = load_ditdh(cfg.sample.guide_path, mesh=mesh,
                            compute_dtype=cfg.sample.compute_dtype)
+    mixtures = load_fitted(cfg, workdir)
     sampler = Sampler(model, mesh, spec_from_config(cfg, model),
-                      batch_size=cfg.sample.batch_size, mixture=_load_mixture(cfg, workdir),
-                      guide=guide, decode_fn=_load_decoder(cfg))
+                      batch_size=cfg.sample.batch_size,
+                      mixture=None if mixtures is None else mixtures[1], guide=guide,
+                      decode_fn=_load_decoder(cfg))
     return run_sampling(sampler, epath.Path(workdir) / "samples", cfg.sample.num_samples,
                         png_grid=cfg.sample.png_grid)

@@ -3,6 +3,13 @@
 `euler_grid` reproduces RAE's float32 grid bit for bit (REFERENCE.md d.4): torch-style
 linspace(0, 0.999, n) with fused products, t = 1 - l, then the time shift in float32.
 `euler_sample` runs the whole loop inside one compiled program (`lax.scan`).
+
+`state_dtype=jnp.bfloat16` is MM-FM's `--precision bf16` sampling protocol, the way its
+published FIDs were made: torchdiffeq's Euler integrates a bfloat16 state on the float32
+grid, and on each step (see `_bf16_step`) casts t to the state's dtype before calling the
+model (so t_1 and t_2 of the 50-point grid reach the model as the same time), rounds dt to
+bfloat16 (its `dt * f0` is a float32 0-dim tensor times a bfloat16 one), takes the
+velocity as the bfloat16 autocast output it is upstream, and adds in bfloat16.
 """
 
 from __future__ import annotations
@@ -42,22 +49,59 @@ def euler_grid(num_steps: int, shift: float) -> np.ndarray:
     return (s * t / (np.float32(1.0) + (s - np.float32(1.0)) * t)).astype(np.float32)
 
 
+def model_times(num_steps: int, shift: float, state_dtype=jnp.float32) -> np.ndarray:
+    """The `num_steps - 1` float32 times `euler_sample` passes to the velocity function:
+    the grid (without its last point), rounded to `state_dtype` as torchdiffeq does."""
+    grid = euler_grid(num_steps, shift)[:-1]
+    return grid.astype(_state_dtype(state_dtype)).astype(np.float32)
+
+
 def euler_sample(velocity_fn: VelocityFn, x_noise: jax.Array, *, num_steps: int = 50,
-                 shift: float) -> jax.Array:
+                 shift: float, state_dtype=jnp.float32) -> jax.Array:
     """Integrate dx/dt = v(x, t) from t = 1 over the grid; `num_steps - 1` evaluations.
 
-    Returns the state at the last grid point (no final step to t = 0), as upstream.
+    Returns the state at the last grid point (no final step to t = 0), as upstream, in
+    `state_dtype`: float32 (the default), or bfloat16 for MM-FM's `--precision bf16`
+    protocol (module docstring). The velocity function always gets float32 t of shape (B,).
     """
+    state_dtype = _state_dtype(state_dtype)
     grid = jnp.asarray(euler_grid(num_steps, shift))
+    times = jnp.asarray(model_times(num_steps, shift, state_dtype))
     batch = x_noise.shape[0]
+    update = _f32_step if state_dtype == jnp.float32 else _bf16_step
 
     def step(x, ts):
-        t_cur, t_next = ts
-        v = velocity_fn(x, jnp.full((batch,), t_cur, jnp.float32))
-        return (x + ((t_next - t_cur) * v).astype(x.dtype)), None
+        t_model, t_cur, t_next = ts
+        v = velocity_fn(x, jnp.full((batch,), t_model, jnp.float32))
+        return update(x, v, t_next - t_cur), None
 
-    x, _ = jax.lax.scan(step, x_noise, (grid[:-1], grid[1:]))
+    x, _ = jax.lax.scan(step, x_noise.astype(state_dtype), (times, grid[:-1], grid[1:]))
     return x
+
+
+def _state_dtype(name) -> np.dtype:
+    """float32 or bfloat16, given as a dtype or its name (`config.sample.state_dtype`)."""
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"state_dtype {name!r}: use float32 or bfloat16")
+    return dtype
+
+
+def _f32_step(x: jax.Array, v: jax.Array, dt: jax.Array) -> jax.Array:
+    """x + dt v, the product rounded once to the state's dtype (REFERENCE.md d.4)."""
+    return x + (dt * v).astype(x.dtype)
+
+
+def _bf16_step(x: jax.Array, v: jax.Array, dt: jax.Array) -> jax.Array:
+    """torchdiffeq's `y0 + dt * f0` with a bfloat16 y0 and f0 and a float32 0-dim dt: dt
+    is rounded to bfloat16, the product and the sum are each rounded to bfloat16."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    dt = dt.astype(bf16).astype(f32)
+    dy = (dt * v.astype(bf16).astype(f32)).astype(bf16)
+    return (x.astype(f32) + dy.astype(f32)).astype(bf16)
 
 
 def _in_interval(t: jax.Array, interval) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The MM-FM trainer: state, the jitted train step, the loop, and the fit_gmm/train stages.
+"""The MM-FM trainer: the train state, the jitted train step, the Trainer and the loop.
 
 One step is one compiled program on the shared mesh, with the state donated:
 frozen encode (RAE, or the demo's pixel identity) -> mode from the CLS mixture (soft or
@@ -7,9 +7,16 @@ t (logit-normal or uniform, then shifted) -> x_t and target x0 - x1 -> velocity 
 gradients (optionally accumulated over micro-batches with `lax.scan`) -> optax
 (global-norm clip, AdamW on RAE's flat-then-linear schedule) -> EMA. The randomness of
 step s is `fold_in(rng, s)` split per use, so a resumed run draws exactly what the
-uninterrupted run drew. The model is split once with `nnx.split` into a graph definition,
-the trainable `nnx.Param` state and the frozen tables (pos-embed, Fourier W, RoPE), which
-are carried along unchanged (so the EMA over them is the identity, as upstream).
+uninterrupted run drew. The model is split once (`model_parts`) into the trainable
+`nnx.Param` state and the frozen tables (pos-embed, Fourier W, RoPE), which are carried
+along unchanged (so the EMA over them is the identity, as upstream). Shardings follow
+config.mesh.rules; the Trainer logs each parameter's PartitionSpec when it is built.
+
+The loop knows nothing of sampling: `train(..., evaluators=...)` calls each evaluator
+(`(step, ema_model)`, e.g. the sampling module's PNG grid) every config.train.sample_every
+steps, and the train job (`train_job.py`) wires them in. Neighbours: the frozen encoder
+(`frozen_encoder.py`), the mixtures (`gmm/stage.py`), checkpoints, the EMA restore and
+export (`checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -31,15 +38,14 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmfm_jax import config as config_lib
-from mmfm_jax import flow, parallel
-from mmfm_jax.checkpoint import Checkpointer, PreemptionGuard, check_finite
-from mmfm_jax.metrics import MetricWriter, Progress
-from mmfm_jax.models import DiTDH, DiTDHConfig, export_torch_state_dict, state_shardings
+from mmfm_jax import flow, frozen_encoder, metrics, parallel
+from mmfm_jax.checkpoint import PreemptionGuard, check_finite, checkpointer, export_ema
+from mmfm_jax.gmm.stage import load_fitted
+from mmfm_jax.model_parts import ModelParts, abstract_model_state, model_config, pure, split
+from mmfm_jax.models import DiTDH, DiTDHConfig
 from mmfm_jax.models.state_arrays import flat_variables
 
-# Dense bf16 peak TFLOP/s per device, for MFU (matched as substrings of device_kind).
-PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("v5p", 459.0),
-               ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0))
+Evaluator = Callable[[int, DiTDH], Any]  # (step, EMA model), run every train.sample_every
 
 
 @struct.dataclass
@@ -60,19 +66,6 @@ class TrainState:
 
 # ---------------------------------------------------------------------------------- setup
 
-def model_config(cfg) -> DiTDHConfig:
-    """The DiTDH of a run; mode-conditional runs feed the mode through the label table."""
-    m = cfg.model
-    return DiTDHConfig(input_size=int(m.input_size), in_channels=int(m.in_channels),
-                       hidden_size=tuple(m.hidden_size), depth=tuple(m.depth),
-                       num_heads=tuple(m.num_heads), mlp_ratio=float(m.mlp_ratio),
-                       num_classes=int(m.num_classes),
-                       class_dropout_prob=float(m.class_dropout_prob),
-                       use_y_conditioning=bool(cfg.mode_conditional),
-                       compute_dtype=str(m.compute_dtype), remat=bool(m.remat),
-                       attention_impl=m.attention_impl or None)
-
-
 def check_config(cfg) -> None:
     """Training-specific consistency checks (one line each, naming the key)."""
     if cfg.mode_conditional and cfg.model.num_classes != cfg.gmm.num_components:
@@ -83,14 +76,6 @@ def check_config(cfg) -> None:
         raise config_lib.ConfigError(
             f"config.train.label_dropout={cfg.train.label_dropout} needs a null row: set "
             "config.model.class_dropout_prob > 0")
-
-
-def time_shift(cfg) -> float:
-    """config.train.time_shift, or sqrt(H*W*C/4096) when it is -1."""
-    if cfg.train.time_shift > 0:
-        return float(cfg.train.time_shift)
-    m = cfg.model
-    return flow.default_shift(m.input_size, m.input_size, m.in_channels)
 
 
 def lr_schedule(t) -> optax.Schedule:
@@ -113,99 +98,38 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return optax.chain(*parts), schedule
 
 
-def make_encoder(cfg, mesh):
-    """The frozen stage 1: the converted RAE, or the demo's identity pixel encoder."""
-    if cfg.rae.kind == "identity":
-        from mmfm_jax.pixel_encoder import PixelEncoder
-        channels = cfg.model.in_channels
-        return PixelEncoder(cfg.data.image_size, channels)
-    if cfg.rae.kind != "dinov2":
-        raise config_lib.ConfigError(f"config.rae.kind={cfg.rae.kind!r}; use 'dinov2' or "
-                                     "'identity'")
-    from mmfm_jax import rae
-    return rae.load_rae(cfg.rae.path, mesh=mesh, compute_dtype=cfg.rae.compute_dtype)
-
-
-def gmm_dir(cfg, workdir: str) -> str:
-    return cfg.gmm.path or os.path.join(workdir, "gmm")
-
-
-def load_mixtures(cfg, workdir: str, mesh):
-    """(CLS mixture, spatial mixture) on the mesh for a GMM run, None for the baseline.
-
-    The spatial means (K, H, W, C) are split over the modes when K divides the devices."""
-    if cfg.source != "gmm":
+def place_mixtures(mixtures, mesh):
+    """(CLS mixture, spatial mixture) on the mesh (None stays None): the spatial means
+    (K, H, W, C) split over the modes when K divides the devices, the rest replicated."""
+    if mixtures is None:
         return None
-    from mmfm_jax import gmm
-    path = gmm_dir(cfg, workdir)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no fitted mixtures; run --stage=fit_gmm or set "
-                                "config.gmm.path")
-    cls_mix, spatial = gmm.load(path)
-    k = cfg.gmm.num_components
-    if cls_mix.n_components != k:
-        raise ValueError(f"{path}: mixture has {cls_mix.n_components} modes, config.gmm."
-                         f"num_components is {k}")
-    rep = parallel.replicated(mesh)
+    cls_mix, spatial = mixtures
     means = spatial.means
     spatial = spatial.replace(means=None)
-    cls_mix, spatial = jax.device_put((cls_mix, spatial), rep)
+    cls_mix, spatial = jax.device_put((cls_mix, spatial), parallel.replicated(mesh))
     means = jax.device_put(means, parallel.logical_sharding(
         mesh, ("modes", None, None, None), means.shape))
     return cls_mix, spatial.replace(means=means)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelParts:
-    """The split DiTDH: graph definition and the tree structures of its two states."""
-
-    graphdef: Any
-    params_def: Any
-    frozen_def: Any
-
-    def merge(self, params, frozen) -> DiTDH:
-        p = jax.tree.unflatten(self.params_def, jax.tree.leaves(params))
-        f = jax.tree.unflatten(self.frozen_def, jax.tree.leaves(frozen))
-        return nnx.merge(self.graphdef, p, f)
-
-
-def _split(model_or_state):
-    if isinstance(model_or_state, nnx.Module):
-        graphdef, params, frozen = nnx.split(model_or_state, nnx.Param, ...)
-    else:
-        graphdef = None
-        params, frozen = nnx.split_state(model_or_state, nnx.Param, ...)
-    return graphdef, params, frozen
-
-
-def _pure(state):
-    return nnx.to_pure_dict(state)
-
-
-def _state_shardings(mcfg: DiTDHConfig, tx, mesh) -> tuple[ModelParts, TrainState]:
-    """ModelParts and the NamedSharding tree of the TrainState (params by their logical
-    axes, optimizer moments like their params, scalars replicated)."""
-    abstract = nnx.eval_shape(lambda: DiTDH(mcfg, rngs=nnx.Rngs(0)))
-    graphdef, params, frozen = _split(abstract)
-    for state in (params, frozen):  # ModelParts.merge pairs leaves by flattening order
-        if list(flat_variables(state)) != list(flat_variables(_pure(state))):
-            raise AssertionError("nnx.State and its pure dict flatten in different orders")
-    parts = ModelParts(graphdef, jax.tree.structure(params), jax.tree.structure(frozen))
-    _, p_sh, f_sh = _split(state_shardings(abstract, mesh))
-    p_sh, f_sh = _pure(p_sh), _pure(f_sh)
+def _state_shardings(mcfg: DiTDHConfig, tx, mesh) -> tuple[ModelParts, TrainState, dict]:
+    """ModelParts, the NamedSharding tree of the TrainState (params by their logical axes,
+    optimizer moments like their params, scalars replicated) and the abstract params."""
+    parts, params, frozen = abstract_model_state(mcfg, mesh)
+    p_sh, f_sh = (jax.tree.map(lambda s: s.sharding, t) for t in (params, frozen))
     rep = parallel.replicated(mesh)
-    opt_abstract = jax.eval_shape(tx.init, _pure(params))
+    opt_abstract = jax.eval_shape(tx.init, params)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_sh,
                                    transform_non_params=lambda _: rep)
     return parts, TrainState(params=p_sh, frozen=f_sh, ema=p_sh, opt_state=opt_sh,
-                             step=rep, rng=rep)
+                             step=rep, rng=rep), params
 
 
 def fresh_state(mcfg: DiTDHConfig, tx, seed: int) -> TrainState:
     """A new model's state (traceable): EMA a copy of the params, step 0."""
     model = DiTDH(mcfg, rngs=nnx.Rngs(seed))
-    _, params, frozen = _split(model)
-    params, frozen = _pure(params), _pure(frozen)
+    _, params, frozen = split(model)
+    params, frozen = pure(params), pure(frozen)
     return TrainState(params=params, frozen=frozen, ema=jax.tree.map(jnp.copy, params),
                       opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
@@ -243,20 +167,15 @@ class StepOptions:
 
     @classmethod
     def from_config(cls, cfg, mcfg: DiTDHConfig) -> StepOptions:
-        t = cfg.train
+        t, m = cfg.train, cfg.model
         return cls(source=cfg.source, mode_conditional=bool(cfg.mode_conditional),
                    assignment=cfg.gmm.assignment, time_dist=t.time_dist,
                    time_mu=float(t.time_mu), time_sigma=float(t.time_sigma),
-                   shift=time_shift(cfg),
+                   shift=flow.time_shift(t.time_shift, (m.input_size, m.input_size,
+                                                        m.in_channels)),
                    label_dropout=float(t.label_dropout) if cfg.mode_conditional else 0.0,
                    null_label=mcfg.null_label, grad_accum=int(t.grad_accum),
                    ema_decay=float(t.ema_decay))
-
-
-def _unit_images(images: jax.Array) -> jax.Array:
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 255.0
-    return images.astype(jnp.float32)
 
 
 def flow_batch(opts: StepOptions, key: jax.Array, x1: jax.Array, cls: jax.Array, mixtures):
@@ -306,8 +225,7 @@ def make_train_step(parts: ModelParts, encoder_graphdef, tx: optax.GradientTrans
             x1 = batch["latents"].astype(jnp.float32)
             cls = batch["cls"].astype(jnp.float32)
         else:
-            encoder = nnx.merge(encoder_graphdef, encoder_state)
-            x1, cls = encoder.encode(_unit_images(batch["image"]))
+            x1, cls = frozen_encoder.encode(encoder_graphdef, encoder_state, batch["image"])
             x1 = jax.lax.stop_gradient(x1.astype(jnp.float32))
             cls = jax.lax.stop_gradient(cls)
         x_t, t, y, target = flow_batch(opts, key, x1, cls, mixtures)
@@ -372,15 +290,18 @@ class Trainer:
 
     @classmethod
     def create(cls, cfg, workdir: str, mesh) -> Trainer:
+        """Build (or reuse) everything for `cfg` on `mesh`, sharded by config.mesh.rules,
+        and log the parameters' PartitionSpecs."""
         check_config(cfg)
         mcfg = model_config(cfg)
-        encoder = make_encoder(cfg, mesh)
-        enc_graphdef, enc_state = nnx.split(encoder)
-        enc_state = _replicate_unplaced(enc_state, mesh)
-        mixtures = load_mixtures(cfg, workdir, mesh)
-        hyper = tuple(sorted(cfg.train.to_dict().items()))
-        parts, shardings, tx, schedule, step_fn = _compiled(
-            mcfg, StepOptions.from_config(cfg, mcfg), mesh, hyper, enc_graphdef)
+        with parallel.axis_rules(cfg.mesh.get("rules")) as rules:
+            encoder = frozen_encoder.make_encoder(cfg, mesh)
+            enc_graphdef, enc_state = frozen_encoder.place_encoder(encoder, mesh)
+            mixtures = place_mixtures(load_fitted(cfg, workdir), mesh)
+            hyper = tuple(sorted(cfg.train.to_dict().items()))
+            parts, shardings, params, tx, schedule, step_fn = _compiled(
+                mcfg, StepOptions.from_config(cfg, mcfg), mesh, hyper, enc_graphdef, rules)
+        log_param_shardings(params, mesh)
         return cls(cfg, mesh, mcfg, parts, shardings, tx, schedule, encoder, enc_state,
                    mixtures, step_fn)
 
@@ -397,39 +318,34 @@ class Trainer:
     def ema_model(self, state: TrainState) -> DiTDH:
         return self.parts.merge(state.ema, state.frozen)
 
+    @property
+    def source_mixture(self):
+        """The spatial mixture that sampling draws x(t=1) from (None: Gaussian source)."""
+        return None if self.mixtures is None else self.mixtures[1]
+
 
 @functools.lru_cache(maxsize=8)
-def _compiled(mcfg: DiTDHConfig, opts: StepOptions, mesh, hyper: tuple, enc_graphdef):
-    """Model parts, shardings, optimizer and the jitted step, shared by every trainer of
-    the same settings in this process (a resumed or repeated run compiles nothing new)."""
+def _compiled(mcfg: DiTDHConfig, opts: StepOptions, mesh, hyper: tuple, enc_graphdef,
+              rules: parallel.Rules):
+    """Model parts, shardings (by `rules`), abstract params, optimizer and the jitted step,
+    shared by every trainer of the same settings in this process (a resumed or repeated
+    run compiles nothing new)."""
     t = ml_collections.ConfigDict(dict(hyper))
     tx, schedule = make_optimizer(t)
-    parts, shardings = _state_shardings(mcfg, tx, mesh)
+    with parallel.axis_rules(rules):
+        parts, shardings, params = _state_shardings(mcfg, tx, mesh)
     step_fn = make_train_step(parts, enc_graphdef, tx, schedule, opts, mesh, shardings)
-    return parts, shardings, tx, schedule, step_fn
+    return parts, shardings, params, tx, schedule, step_fn
 
 
-def _replicate_unplaced(tree, mesh):
-    """Leaves not already on `mesh` become replicated there (the encoder's frozen state)."""
-    rep = parallel.replicated(mesh)
-
-    def put(x):
-        if isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh:
-            return x
-        return jax.device_put(x, rep)
-    return jax.tree.map(put, tree)
-
-
-def peak_tflops(cfg) -> float | None:
-    """Per-device dense peak for MFU: config.train.peak_tflops, or the device-kind table
-    (None on CPU and unknown devices)."""
-    if cfg.train.peak_tflops > 0:
-        return float(cfg.train.peak_tflops)
-    kind = jax.devices()[0].device_kind
-    for name, value in PEAK_TFLOPS:
-        if name.lower() in kind.lower():
-            return value
-    return None
+def log_param_shardings(params, mesh) -> None:
+    """One table (logging.info): each parameter's path, shape and resolved PartitionSpec."""
+    rows = flat_variables(params)
+    width = max(len(p) for p in rows)
+    lines = [f"  {path:<{width}}  {str(tuple(s.shape)):<16} {s.sharding.spec}"
+             for path, s in rows.items()]
+    logging.info("parameter shardings on mesh %s (config.mesh.rules):\n%s",
+                 dict(mesh.shape), "\n".join(lines))
 
 
 @dataclasses.dataclass
@@ -445,13 +361,14 @@ class _Logger:
 
     def __init__(self, cfg, workdir: str, flops_per_sample: int, start: int):
         self.cfg = cfg
-        self.writer = MetricWriter(workdir)
+        self.writer = metrics.MetricWriter(workdir)
         self.pending: list[tuple[int, dict]] = []
         self.window: list[dict] = []
         self.flops = flops_per_sample
-        self.peak = peak_tflops(cfg)
+        self.peak = metrics.peak_tflops(cfg.train.peak_tflops)
         self.t_last, self.step_last = time.perf_counter(), start
-        self.progress = Progress(int(cfg.train.num_steps), "train", "steps", start=start)
+        self.progress = metrics.Progress(int(cfg.train.num_steps), "train", "steps",
+                                         start=start)
         self.last: dict = {}
 
     def add(self, step: int, metrics: dict) -> None:
@@ -498,19 +415,22 @@ def _data_iterator(cfg):
     return iter(loader)
 
 
-def train(cfg, workdir: str, mesh, *,
-          callbacks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+def train(cfg, workdir: str, mesh, *, trainer: Trainer | None = None,
+          callbacks: Sequence[Callable[[int], None]] = (),
+          evaluators: Sequence[Evaluator] = ()) -> TrainResult:
     """Train (or resume) under `workdir` until config.train.num_steps.
 
     Resumes from the latest checkpoint in `<workdir>/checkpoints` (state and data position).
-    Saves every ckpt_every steps, at the end, and on SIGTERM (then returns preempted=True).
-    `callbacks` run on the host after each step is dispatched (with its step number).
+    Saves every ckpt_every steps, at the end, and on SIGTERM (then returns preempted=True);
+    a finished run exports the EMA weights to `<workdir>/export`. `trainer` is one already
+    built for (cfg, workdir, mesh), else it is built here. `callbacks` run on the host after
+    each step is dispatched (with its step number); `evaluators` get (step, EMA model)
+    every config.train.sample_every steps.
     """
-    trainer = Trainer.create(cfg, workdir, mesh)
+    trainer = trainer or Trainer.create(cfg, workdir, mesh)
     t = cfg.train
     data_iter = _data_iterator(cfg)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(t.ckpt_keep),
-                        keep_period=int(t.ckpt_keep_period))
+    ckpt = checkpointer(cfg, workdir)
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(latest, trainer.abstract(), data_iter)
@@ -525,8 +445,8 @@ def train(cfg, workdir: str, mesh, *,
     try:
         with PreemptionGuard() as guard:
             for step in range(start + 1, int(t.num_steps) + 1):
-                state, metrics = trainer.step(state, next(data_iter))
-                logger.add(step, metrics)
+                state, step_metrics = trainer.step(state, next(data_iter))
+                logger.add(step, step_metrics)
                 for callback in callbacks:
                     callback(step)
                 preempted = guard.should_stop(step)
@@ -538,8 +458,10 @@ def train(cfg, workdir: str, mesh, *,
                 if save:
                     ckpt.save(step, state, data_iter)
                     last_saved = step
-                if t.sample_every > 0 and step % t.sample_every == 0:
-                    write_sample_grid(cfg, trainer, state, workdir, step)
+                if evaluators and t.sample_every > 0 and step % t.sample_every == 0:
+                    ema_model = trainer.ema_model(state)
+                    for evaluate in evaluators:
+                        evaluate(step, ema_model)
                 if preempted:
                     logging.warning("preempted at step %d: checkpoint saved, exiting", step)
                     break
@@ -549,126 +471,3 @@ def train(cfg, workdir: str, mesh, *,
         ckpt.close()
         logger.close()
     return TrainResult(step=step, preempted=preempted, last_metrics=logger.last)
-
-
-def write_sample_grid(cfg, trainer: Trainer, state: TrainState, workdir: str, step: int,
-                      num_images: int = 64) -> str:
-    """A PNG grid of EMA samples (the sampling job's program) at `step`."""
-    from etils import epath
-
-    from mmfm_jax import sample_job
-    model = trainer.ema_model(state)
-    spec = sample_job.spec_from_config(cfg, model)
-    n = -(-num_images // parallel.num_batch_shards(trainer.mesh)) * parallel.num_batch_shards(
-        trainer.mesh)
-    sampler = sample_job.Sampler(model, trainer.mesh, spec, batch_size=n,
-                                 mixture=None if trainer.mixtures is None
-                                 else trainer.mixtures[1],
-                                 decode_fn=trainer.encoder.decode)
-    _, images, _ = sampler(0)
-    out = epath.Path(workdir) / "samples" / f"train_grid_{step:07d}.png"
-    if jax.process_index() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sample_job.write_grid(images[:num_images], out)
-    return str(out)
-
-
-# ------------------------------------------------------------------------------- exports
-
-def export_ema(model: DiTDH, out_dir: str, step: int) -> str:
-    """The EMA weights in the upstream PyTorch state-dict layout: `ema_{step}.pt` (a raw
-    state dict, which RAE's and MM-FM's loaders accept) when torch is installed, else
-    `ema_{step}.safetensors` with the same keys. Collective: every process calls it, process
-    0 writes."""
-    state_dict = export_torch_state_dict(model)
-    if jax.process_index() != 0:
-        return ""
-    os.makedirs(out_dir, exist_ok=True)
-    try:
-        import torch
-    except ImportError:
-        from safetensors.numpy import save_file
-        path = os.path.join(out_dir, f"ema_{step:07d}.safetensors")
-        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path + ".tmp")
-    else:
-        path = os.path.join(out_dir, f"ema_{step:07d}.pt")
-        torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in
-                    state_dict.items()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    logging.info("exported the EMA weights (upstream layout) to %s", path)
-    return path
-
-
-def load_ema_model(cfg, workdir: str, mesh) -> DiTDH:
-    """The EMA model of the latest checkpoint under `workdir`, sharded over `mesh`, with
-    config.sample.compute_dtype."""
-    mcfg = model_config(cfg)
-    tx, _ = make_optimizer(cfg.train)
-    parts, shardings = _state_shardings(mcfg, tx, mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.train.ckpt_keep),
-                        keep_period=int(cfg.train.ckpt_keep_period))
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise config_lib.ConfigError(f"{ckpt.directory}: no checkpoint to sample from; "
-                                         "train first or set config.sample.model_path")
-        full = abstract_state(mcfg, tx, shardings, int(cfg.seed))
-        target = {"ema": full.ema, "frozen": full.frozen}
-        restored = ckpt.restore_subset(step, target)
-    finally:
-        ckpt.close()
-    if cfg.sample.compute_dtype != mcfg.compute_dtype:
-        mcfg = dataclasses.replace(mcfg, compute_dtype=cfg.sample.compute_dtype)
-        parts, _ = _state_shardings(mcfg, tx, mesh)
-    logging.info("loaded the EMA model of step %d from %s", step, ckpt.directory)
-    return parts.merge(restored["ema"], restored["frozen"])
-
-
-# -------------------------------------------------------------------------------- stages
-
-def fit_gmm_stage(cfg, workdir: str, mesh) -> None:
-    """`--stage=fit_gmm`: encode the data in order (centre crops at the encoder size, no
-    flip), fit the CLS mixture, then the spatial pass; writes `<workdir>/gmm`. A rerun
-    whose `<workdir>/gmm` holds both mixtures does nothing (each pass reads the whole split).
-    """
-    if cfg.source != "gmm":
-        logging.info("fit_gmm: source %r needs no mixture; nothing to do", cfg.source)
-        return
-    from mmfm_jax import data, gmm
-    from mmfm_jax.gmm import io as gmm_io
-    out_dir = gmm_dir(cfg, workdir)
-    if gmm_io.has_cls(out_dir) and gmm_io.has_spatial(out_dir):
-        logging.info("fit_gmm: both mixtures found in %s; nothing to do", out_dir)
-        return
-    if cfg.data.kind == "latent_cache":
-        raise config_lib.ConfigError("--stage=fit_gmm reads images; config.data.kind="
-                                     "'latent_cache' has none (fit on the image data, or pass "
-                                     "config.gmm.path)")
-    encoder = make_encoder(cfg, mesh)
-    graphdef, enc_state = nnx.split(encoder)
-    enc_state = _replicate_unplaced(enc_state, mesh)
-    encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(_unit_images(x)))
-    # square centre crops at the encoder's input size (224 for DINOv2), as the GMM scripts
-    image_size = (encoder.cfg.encoder.input_size[0] if cfg.rae.kind == "dinov2"
-                  else cfg.data.image_size)
-    shards = parallel.num_batch_shards(mesh)
-    batch = -(-int(cfg.gmm.encode_batch_size) // shards) * shards
-
-    def batches():
-        loader = data.make_eval_loader(cfg.data, global_batch=batch, image_size=image_size)
-        for host in loader:
-            images = parallel.host_to_global(host["image"], mesh)
-            latents, cls = parallel.global_to_host(encode(enc_state, images))
-            mask = np.asarray(host["mask"], bool)
-            yield latents[mask], cls[mask]
-
-    gmm.fit_from_batches(batches, cfg, mesh, out_dir, log_fn=logging.info)
-
-
-def train_stage(cfg, workdir: str, mesh, *,
-                callbacks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
-    """`--stage=train`; a SIGTERM ends the process (exit 143) once its checkpoint is saved."""
-    result = train(cfg, workdir, mesh, callbacks=callbacks)
-    if result.preempted:
-        raise SystemExit(143)
-    return result

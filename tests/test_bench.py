@@ -133,3 +133,99 @@ def test_inception_json(tmp_path):
     # XLA counts one device's partition; scaled to the global batch this is the ~5.7
     # GFLOP/image (multiply-adds x 2) of the FID graph at 299x299 on any device count.
     assert 5 < r["gflops_per_image_xla"] < 13
+
+
+# ------------------------------------------------------------- compile, plan, threads
+
+COMPILE_ARGV = ["compile", *TINY, "--batch", "16", "--mesh", "data=2,fsdp=4"]
+
+
+def test_compile_json_from_abstract_state(tmp_path, monkeypatch):
+    """The production step and sampler compile from ShapeDtypeStructs: no state is ever
+    initialised, no device array is alive afterwards, and the figures are all there."""
+    from mmfm_jax import memory_plan
+    from mmfm_jax import train as train_lib
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("bench compile must not allocate a train state")
+
+    monkeypatch.setattr(train_lib, "init_state", no_init)
+    r = _run(tmp_path, "compile", COMPILE_ARGV)
+    assert r["live_array_bytes"] == 0
+    train, sample = r["programs"]
+    assert (train["program"], sample["program"], sample["batch"]) == ("train", "sample/none", 16)
+    for program in (train, sample):
+        assert program["lower_seconds"] > 0 and program["compile_seconds"] > 0
+        mem = program["memory"]
+        assert set(mem) >= {"argument_size_in_bytes", "output_size_in_bytes",
+                            "alias_size_in_bytes", "temp_size_in_bytes",
+                            "generated_code_size_in_bytes", "peak_bytes_estimate"}
+        assert mem["argument_size_in_bytes"] > 0 and mem["temp_size_in_bytes"] > 0
+    s = r["settings"]
+    assert (s["batch"], s["per_device_batch"], s["mesh"]) == (16, 2, {"data": 2, "fsdp": 4})
+    # The analytic state is the sharding the trainer applied, and what the step takes in.
+    state = r["analytic_state_per_device"]
+    mcfg = bench.model_config("tiny", input_size=4, channels=8, num_classes=10,
+                              dtype="bfloat16")
+    expected = memory_plan.state_bytes(mcfg, 4, 8)
+    parts = ("params", "ema", "adam_mu", "adam_nu", "frozen")
+    assert {k: state[k] for k in parts} == {k: expected[k] for k in parts}
+    assert 0 <= state["total"] - expected["total"] < 64  # + step, rng and Adam's counts
+    # 2 rows per device of float32 latents (the CLS tokens are unused by the Gaussian
+    # source, and jit drops unused arguments)
+    batch_bytes = 2 * 4 * (4 * 4 * 8)
+    mem = train["memory"]
+    assert mem["argument_size_in_bytes"] >= state["total"] + batch_bytes
+    assert mem["alias_size_in_bytes"] >= state["total"]  # the donated state is reused
+    assert mem["argument_size_in_bytes"] - state["total"] - batch_bytes < 4096  # rng, step
+
+
+def test_compile_refuses_what_it_cannot_build(tmp_path):
+    with pytest.raises(SystemExit, match="--mesh 'data=2,tp=4'"):
+        bench.main(["compile", *TINY, "--mesh", "data=2,tp=4"])
+    with pytest.raises(SystemExit, match="needs 16 CPU devices"):
+        bench.main(["compile", *TINY, "--mesh", "data=2,fsdp=8"])
+
+
+def test_plan_from_a_fitted_model(tmp_path, capsys):
+    """bench plan reads a fitted model of the same configuration and prints the choice;
+    a request nothing satisfies ends in one line."""
+    from mmfm_jax import memory_plan
+    from mmfm_jax import train as train_lib
+
+    args = bench.build_parser().parse_args(["plan", *TINY])
+    cfg = bench.plan_config(args)
+    mcfg = train_lib.model_config(cfg)
+    state, params = memory_plan.state_tables(mcfg, 8, (1, 2, 4, 8))
+    model = memory_plan.MemoryModel(
+        description=bench._memory_key(args, mcfg), state=state, params=params,
+        batch_bytes=4 * (4 * 4 * 8 + 8), grad_coeff=1.0, overhead={"none": 1e6, "full": 1e6},
+        per_sample={"none": 1e6, "full": 2e5})
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model.to_dict()))
+    argv = ["plan", *TINY, "--model-json", str(path), "--global-batch", "64", "--devices",
+            "8", "--device-memory", str(8e6 / 2**30), "--margin", "1"]
+    r = _run(tmp_path, "plan", argv)
+    (row,) = r["rows"]
+    assert row["fits"] and row["grad_accum"] == 1 and row["remat"] == "full"
+    assert row["predicted_bytes"] <= 8e6
+    assert "grad_accum=1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="nothing fits") as err:
+        bench.main(argv[:-4] + ["--device-memory", str(1e6 / 2**30)])
+    assert "\n" not in str(err.value)
+
+
+def test_vs_torch_gets_the_threads_xla_uses(tmp_path, train_result):
+    """Side by side means the same cores: by default torch runs on as many threads as
+    XLA:CPU's pool, and both counts are recorded; --torch-threads overrides."""
+    from mmfm_jax import bench_torch
+
+    argv = ["train", *TINY, "--batch", "8", "--steps", "1", "--warmup", "0", "--vs-torch"]
+    r = _run(tmp_path, "threads", argv)
+    ours, ref = r["rows"]
+    cores = bench_torch.xla_cpu_threads()
+    assert ours["threads"] == ref["threads"] == cores
+    assert r["settings"]["xla_threads"] == r["settings"]["torch_threads"] == cores
+    _, fixed = train_result  # --torch-threads 1
+    assert fixed["rows"][1]["threads"] == fixed["settings"]["torch_threads"] == 1
+    assert fixed["settings"]["xla_threads"] == cores

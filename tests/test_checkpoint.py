@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmfm_jax import checkpoint, parallel, train
+from mmfm_jax import checkpoint, parallel, train, train_job
 from mmfm_jax.models import export_torch_state_dict
 from tests.test_train import tiny_config, write_mixtures
 
@@ -55,7 +55,7 @@ def latest_step(workdir: str) -> int | None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mesh):
     workdir = make_workdir(tmp_path_factory.mktemp("straight"))
-    result = train.train(run_config(sample_every=NUM_STEPS), workdir, mesh)
+    result = train_job.train_stage(run_config(sample_every=NUM_STEPS), workdir, mesh)
     assert result.step == NUM_STEPS and not result.preempted
     return workdir
 
@@ -99,7 +99,7 @@ def test_resume_after_crash_and_sigterm_repeats_the_losses_exactly(tmp_path, mes
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(SystemExit) as exit_info:  # the stage exits once step 7 is saved
-        train.train_stage(cfg, workdir, mesh, callbacks=[preempt])
+        train_job.train_stage(cfg, workdir, mesh, callbacks=[preempt])
     assert exit_info.value.code == 143
     assert latest_step(workdir) == 7
     result = train.train(cfg, workdir, mesh)
@@ -108,8 +108,8 @@ def test_resume_after_crash_and_sigterm_repeats_the_losses_exactly(tmp_path, mes
     want, got = losses_by_step(uninterrupted), losses_by_step(workdir)
     assert sorted(got) == list(range(1, NUM_STEPS + 1))
     assert got == want
-    ema_a = train.load_ema_model(cfg, uninterrupted, mesh)
-    ema_b = train.load_ema_model(cfg, workdir, mesh)
+    ema_a = checkpoint.load_ema_model(cfg, uninterrupted, mesh)
+    ema_b = checkpoint.load_ema_model(cfg, workdir, mesh)
     for a, b in zip(jax.tree.leaves(jax.device_get(ema_a)), jax.tree.leaves(
             jax.device_get(ema_b))):
         np.testing.assert_array_equal(a, b)
@@ -126,7 +126,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
     ckpt = checkpoint.Checkpointer(workdir + "/checkpoints", keep=2)
     assert ckpt.all_steps() == [2, 4]
     ckpt.close()
-    model = train.load_ema_model(cfg, workdir, mesh)
+    model = checkpoint.load_ema_model(cfg, workdir, mesh)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(
         jax.device_get(model)))
 
@@ -149,7 +149,7 @@ def test_ema_export_is_the_upstream_state_dict(uninterrupted, mesh):
     torch = pytest.importorskip("torch")
     path = os.path.join(uninterrupted, "export", f"ema_{NUM_STEPS:07d}.pt")
     exported = torch.load(path, weights_only=True)
-    model = train.load_ema_model(run_config(), uninterrupted, mesh)
+    model = checkpoint.load_ema_model(run_config(), uninterrupted, mesh)
     want = export_torch_state_dict(model)
     assert list(exported) == list(want)
     assert "y_embedder.embedding_table.weight" in exported and "t_embedder.W" in exported

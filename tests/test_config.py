@@ -112,3 +112,21 @@ def test_cli_helpfull_documents_flags():
     assert "mmfm_jax/main.py" in r.stdout
     for flag in ("--config", "--workdir", "--stage", "--coordinator_address", "--num_processes"):
         assert flag in r.stdout
+
+
+def test_mesh_rules_are_config_data(tmp_path):
+    """config.mesh.rules defaults to the parallel table, survives config.json, and an
+    unknown mesh axis stops the run with one line naming the key."""
+    from mmfm_jax import parallel
+
+    cfg = _config("mode_gmm")
+    assert cfg.mesh.rules == parallel.LOGICAL_AXIS_RULES
+    config_lib.save(cfg, str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert parallel.normalize_rules(saved["mesh"]["rules"]) == parallel.LOGICAL_AXIS_RULES
+    with cfg.unlocked():
+        cfg.mesh.rules = (("batch", ("data", "fsdp")), ("embed", "model"))
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"^config.mesh.rules: logical axis 'embed' maps to unknown mesh "
+                             r"axis 'model'"):
+        config_lib.validate(cfg, "train", 8)

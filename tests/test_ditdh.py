@@ -235,7 +235,7 @@ def test_torch_reference_matches_fixture(cases):
     """tests/torch_ditdh.py (the benchmark's PyTorch side) reproduces upstream's outputs."""
     import torch
 
-    from tests.torch_ditdh import TorchDiTDH
+    from benchmarks.torch_ditdh import TorchDiTDH
 
     with open(fixture_path("ditdh", "config.json")) as f:
         params = json.load(f)["main"]

@@ -1,10 +1,11 @@
-"""FID / moments / IS / precision-recall / sample-file checks of mmfm_jax.evaluate."""
+"""FID / moments / IS / precision-recall checks of mmfm_jax.fid_metrics, and the sample-file
+checks of mmfm_jax.evaluate."""
 
 import numpy as np
 import pytest
 import scipy.linalg
 
-from mmfm_jax import evaluate
+from mmfm_jax import evaluate, fid_metrics
 
 
 def random_cov(rng, d, n=None):
@@ -21,7 +22,7 @@ def scipy_fid(mu1, s1, mu2, s2):
 def test_fid_of_identical_sets_is_zero():
     rng = np.random.default_rng(0)
     mu, sigma = rng.standard_normal(64), random_cov(rng, 64)
-    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert abs(fid_metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
 def test_fid_of_diagonal_gaussians_matches_closed_form():
@@ -29,7 +30,7 @@ def test_fid_of_diagonal_gaussians_matches_closed_form():
     mu1, mu2 = rng.standard_normal(50), rng.standard_normal(50)
     v1, v2 = rng.uniform(0.1, 3, 50), rng.uniform(0.1, 3, 50)
     want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
-    got = evaluate.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
+    got = fid_metrics.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
     assert got == pytest.approx(want, rel=1e-10)
 
 
@@ -40,7 +41,7 @@ def test_fid_equals_scipy_sqrtm_fid(method):
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d) * 0.1
     s1, s2 = random_cov(rng, d), random_cov(rng, d) * 2.0
     want = scipy_fid(mu1, s1, mu2, s2)
-    got = evaluate.frechet_distance(mu1, s1, mu2, s2, method=method)
+    got = fid_metrics.frechet_distance(mu1, s1, mu2, s2, method=method)
     assert got == pytest.approx(want, rel=1e-6)
 
 
@@ -52,20 +53,20 @@ def test_fid_of_low_rank_covariances():
     mu1, mu2 = a.mean(0), b.mean(0)
     eig = np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)
     want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum()
-    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-6)
-    assert abs(evaluate.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+    assert fid_metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-6)
+    assert abs(fid_metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
 
 
 def test_fid_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"sigma2 \(3, 3\)"):
-        evaluate.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), np.eye(3))
+        fid_metrics.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), np.eye(3))
 
 
 def test_streamed_moments_equal_numpy():
     rng = np.random.default_rng(3)
     feats = (rng.standard_normal((700, 2048)) * rng.uniform(0.1, 2, 2048) + 3.0)
     feats = feats.astype(np.float32)
-    acc = evaluate.MomentAccumulator(flush_rows=256)
+    acc = fid_metrics.MomentAccumulator(flush_rows=256)
     for start, stop in [(0, 64), (64, 65), (65, 400), (400, 700)]:
         acc.update(feats[start:stop])
     np.testing.assert_allclose(acc.mean(), np.mean(feats.astype(np.float64), axis=0),
@@ -74,15 +75,15 @@ def test_streamed_moments_equal_numpy():
 
 
 def test_inception_score():
-    assert evaluate.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0, abs=1e-12)
+    assert fid_metrics.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0, abs=1e-12)
     confident = np.zeros((12000, 1008))
     confident[np.arange(12000), np.arange(12000) % 10] = 60.0  # 10 equally used classes
-    assert evaluate.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
+    assert fid_metrics.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
     # splits of 5000 (5000, 5000, 2000): split 3 uses only 2 classes
     mixed = confident.copy()
     mixed[10000:] = 0.0
     mixed[np.arange(10000, 12000), np.arange(2000) % 2] = 60.0
-    assert evaluate.inception_score(mixed) == pytest.approx((10 + 10 + 2) / 3, rel=1e-6)
+    assert fid_metrics.inception_score(mixed) == pytest.approx((10 + 10 + 2) / 3, rel=1e-6)
 
 
 def test_manifold_radii_are_kth_neighbour_distances():
@@ -90,19 +91,19 @@ def test_manifold_radii_are_kth_neighbour_distances():
     x = rng.standard_normal((37, 16)).astype(np.float32)
     d = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
     want = np.sort(d, axis=1)[:, 3]
-    got = evaluate.manifold_radii(x, k=3, block=10)  # 4 row and column blocks
+    got = fid_metrics.manifold_radii(x, k=3, block=10)  # 4 row and column blocks
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_precision_recall_sanity():
     rng = np.random.default_rng(5)
     ref = rng.standard_normal((50, 32)).astype(np.float32)
-    assert evaluate.precision_recall(ref, ref.copy(), block=16) == (1.0, 1.0)
+    assert fid_metrics.precision_recall(ref, ref.copy(), block=16) == (1.0, 1.0)
     far = ref + 1000.0
-    assert evaluate.precision_recall(ref, far, block=16) == (0.0, 0.0)
+    assert fid_metrics.precision_recall(ref, far, block=16) == (0.0, 0.0)
     # samples = the reference plus as many far points: precision 1/2, recall 1
     half = np.concatenate([ref, far])
-    assert evaluate.precision_recall(ref, half, block=16) == (0.5, 1.0)
+    assert fid_metrics.precision_recall(ref, half, block=16) == (0.5, 1.0)
 
 
 def test_truncated_sample_file_is_refused(tmp_path):

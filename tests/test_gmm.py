@@ -118,8 +118,9 @@ def test_sharded_and_streamed_equal_single_device_in_memory():
 
 
 def _spatial_reference(latents, labels, k, flip):
-    """float64 numpy: per-mode mean and mean-over-dims variance (ddof 0), flips included,
-    empty modes get the global statistics."""
+    """float64 numpy: per-mode mean and mean-over-dims variance (ddof 0), flips included;
+    empty modes get what MM-FM's spatial_gmm_imagenet.py gives them: the unweighted mean of
+    the non-empty modes' means and the mean of their variances (REFERENCE e.2)."""
     lat = latents.astype(np.float64)
     if flip:
         lat = np.concatenate([lat, lat[:, :, ::-1, :]])
@@ -128,12 +129,12 @@ def _spatial_reference(latents, labels, k, flip):
     means = np.empty((k, flat.shape[1]))
     variances = np.empty(k)
     counts = np.bincount(labels, minlength=k)
-    for j in range(k):
+    for j in np.flatnonzero(counts):
         rows = flat[labels == j]
-        if len(rows):
-            means[j], variances[j] = rows.mean(0), rows.var(0).mean()
-        else:
-            means[j], variances[j] = flat.mean(0), flat.var(0).mean()
+        means[j], variances[j] = rows.mean(0), rows.var(0).mean()
+    empty = counts == 0
+    means[empty] = means[~empty].mean(0)
+    variances[empty] = variances[~empty].mean()
     return means.reshape(k, *latents.shape[1:]), variances, counts
 
 
@@ -152,6 +153,11 @@ def test_spatial_statistics_equal_float64_numpy(sharded):
     spatial, counts = spatial_pass(batches, cls_mixture, mesh=mesh, flip=True)
     ref_means, ref_vars, ref_counts = _spatial_reference(latents, labels, k, flip=True)
     assert counts[k - 1] == 0 and counts.sum() == 90
+    # the planted empty mode: upstream's fill differs from the count-weighted data mean and
+    # the total variance (which includes the spread between the modes' means)
+    flat = np.concatenate([latents, latents[:, :, ::-1]]).reshape(90, -1).astype(np.float64)
+    assert np.abs(ref_means[k - 1].reshape(-1) - flat.mean(0)).max() > 1e-3
+    assert ref_vars[k - 1] < flat.var(0).mean() - 1e-3
     np.testing.assert_array_equal(counts, ref_counts)
     err_m = np.abs(np.asarray(spatial.means) - ref_means).max()
     err_v = np.abs(np.asarray(spatial.variances) / ref_vars - 1).max()
@@ -218,3 +224,27 @@ def test_fit_from_batches_writes_both_and_resumes(tmp_path):
     lines.clear()
     fit_from_batches(batches, cfg, None, str(tmp_path), lines.append)
     assert "skipping EM" in lines[0] and not any("EM iteration" in line for line in lines)
+
+
+def test_bench_stream_memmap_and_projection(tmp_path):
+    """The out-of-memory benchmark path: a memory map read through a chunk callable gives a
+    fit, peak RSS figures and, without a GPU result, a projection marked pending; with one
+    the projection scales its measured time by rows x K x D."""
+    import json
+
+    from mmfm_jax import bench, bench_gmm
+
+    r = bench_gmm.bench_gmm_stream(3000, 16, 8, iters=2, chunk_rows=512,
+                                   path=str(tmp_path / "x.npy"), print_fn=lambda s: None)
+    assert r["seconds_per_iteration"] > 0 and len(r["iteration_seconds"]) == 3
+    assert r["peak_rss_bytes"] >= r["peak_rss_bytes_before_fit"] > 0
+    assert r["projection"].startswith("pending")
+    gpu = {"settings": {"n": 131072, "k": 8192, "d": 768}, "rows": [{"seconds": 2.0}],
+           "environment": {"device_kind": "NVIDIA H100"}}
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    p = bench_gmm.projection_from_gpu(str(tmp_path / "gpu.json"), 8192, 768)
+    assert p["projected_imagenet_seconds_per_iteration"] == pytest.approx(
+        2.0 * 1_281_167 / 131072)
+    args = bench.build_parser().parse_args(["gmm", "--iters", "4", "--stream"])
+    assert args.steps == 4 and args.stream
+    assert bench.build_parser().parse_args(["gmm", "--steps", "2"]).steps == 2

@@ -80,3 +80,23 @@ def test_distributed_not_initialised_for_one_process(monkeypatch):
     for var in ("MMFM_NUM_PROCESSES", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(var, raising=False)
     assert parallel.initialize_distributed() is False
+
+
+def test_axis_rules_set_the_default_table_inside_the_block_only():
+    assert parallel.active_rules() == parallel.LOGICAL_AXIS_RULES
+    as_json = [["batch", ["data", "fsdp"]], ["embed", None], ["mlp", "fsdp"]]  # config.json
+    with parallel.axis_rules(as_json) as rules:
+        assert rules == (("batch", ("data", "fsdp")), ("embed", None), ("mlp", "fsdp"))
+        assert parallel.active_rules() == rules
+        assert parallel.logical_to_spec(("embed", "mlp")) == P(None, "fsdp")
+        # explicit rules still win
+        assert parallel.logical_to_spec(("embed", "mlp"),
+                                        parallel.LOGICAL_AXIS_RULES) == P("fsdp", None)
+    assert parallel.logical_to_spec(("embed", "mlp")) == P("fsdp", None)
+
+
+def test_axis_rules_refuse_an_unknown_mesh_axis():
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        parallel.normalize_rules([("embed", "model")])
+    with pytest.raises(ValueError, match="not a .* pair"):
+        parallel.normalize_rules(["embed"])

@@ -140,3 +140,26 @@ def test_eight_devices_equal_one(workdir, batches, mesh_shape, grad_accum):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
     for a, b in zip(jax.tree.leaves(ema8), jax.tree.leaves(ema1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+
+def test_trainer_logs_each_parameter_partition_spec_by_the_config_rules(workdir, caplog):
+    """The PartitionSpec table is logged once per trainer, and config.mesh.rules decides it:
+    'embed' over fsdp by default, replicated when the run's rules say so."""
+    mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
+    cfg = tiny_config()
+    specs = {}
+    for name, rules in (("default", cfg.mesh.rules),
+                        ("no_fsdp", tuple((k, None if k == "embed" else v)
+                                          for k, v in cfg.mesh.rules))):
+        cfg.mesh.rules = rules
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            trainer = train.Trainer.create(cfg, workdir, mesh)
+        (table,) = [r.getMessage() for r in caplog.records
+                    if r.getMessage().startswith("parameter shardings")]
+        (row,) = [line for line in table.splitlines()
+                  if line.split()[0] == "blocks/0/mlp/w12/kernel"]
+        specs[name] = row.split(None, 1)[1]
+        rows = table.splitlines()[1:]
+        assert len(rows) == len(jax.tree.leaves(trainer.shardings.params))
+    assert "'fsdp'" in specs["default"] and "fsdp" not in specs["no_fsdp"]

@@ -2,7 +2,10 @@
 
 `fit_diag_gmm` fits the diagonal CLS mixture (sklearn semantics, jitted, on the mesh);
 `spatial_pass` turns (latents, CLS) batches into the spatial mixture; `load` reads a
-project GMM directory (written by `python -m convert gmm` or `--stage=fit_gmm`).
+project GMM directory (written by `python -m convert gmm` or `--stage=fit_gmm`), and
+`stage.load_fitted` a run's (config.gmm.path or `<workdir>/gmm`). The fit_gmm job that
+encodes images for the fit is `gmm/job.py`, left out of this package's imports so that
+the mixtures never pull in the data pipeline or the RAE.
 """
 
 from mmfm_jax.gmm.em import FitResult, fit_diag_gmm

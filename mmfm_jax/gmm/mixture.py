@@ -19,25 +19,61 @@ from flax import struct
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def log_gaussian_diag(x: jax.Array, means: jax.Array, variances: jax.Array) -> jax.Array:
-    """log N(x_n; mu_k, diag var_k) for every pair, (N, D) x (K, D) -> (N, K), as matmuls.
+@struct.dataclass
+class DiagTerms:
+    """log w_k + log N(x; mu_k, diag var_k) rewritten as one matmul: with xc = x - centre,
+    quad = [xc^2, xc] @ matrix + offset and log_joint = bias - quad / 2.
 
-    The expanded Mahalanobis form sum x^2/v - 2 x.mu/v + sum mu^2/v cancels badly in float32
-    when |x| is large against the spread, so both sides are first centred on the mean of the
-    component means (a shift changes nothing in exact arithmetic), and the matmuls run at
-    full precision whatever the global default (TPU/TF32 would lose ~1e-3 relative).
+    The expanded Mahalanobis form sum xc^2/v - 2 xc.mu/v + sum mu^2/v cancels badly in
+    float32 when |x| is large against the spread, so both sides are centred on the mean of
+    the component means (a shift changes nothing in exact arithmetic). Stacking [xc^2, xc]
+    makes the two N x D x K products one N x 2D x K product (one pass over x, one output),
+    and EM's M-step reuses the same features for R^T [xc^2, xc].
     """
-    dtype = jax.dtypes.canonicalize_dtype(jnp.result_type(x.dtype, means.dtype, jnp.float32))
-    x, means, variances = x.astype(dtype), means.astype(dtype), variances.astype(dtype)
-    centre = jnp.mean(means, axis=0)
-    xc, mc = x - centre, means - centre
-    precision = 1.0 / variances
-    quad = (jnp.dot(xc * xc, precision.T, precision=HIGHEST)
-            - 2.0 * jnp.dot(xc, (mc * precision).T, precision=HIGHEST)
-            + jnp.sum(mc * mc * precision, axis=1)[None, :])
-    quad = jnp.maximum(quad, 0.0)
-    log_det = jnp.sum(jnp.log(variances), axis=1)
-    return -0.5 * (x.shape[-1] * math.log(2.0 * math.pi) + log_det[None, :] + quad)
+
+    matrix: jax.Array  # (2D, K): [1/var; -2 (mu - centre)/var]^T
+    offset: jax.Array  # (K,): sum_d (mu - centre)^2 / var
+    bias: jax.Array  # (K,): log w - (D log 2 pi + sum_d log var) / 2
+    centre: jax.Array  # (D,)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """[xc^2, xc], (N, 2D)."""
+        xc = x.astype(self.centre.dtype) - self.centre
+        return jnp.concatenate([xc * xc, xc], axis=-1)
+
+    def log_joint_from_features(self, feats: jax.Array) -> jax.Array:
+        """(N, K); the quadratic form is clamped at zero (rounding can push it below)."""
+        quad = jnp.dot(feats, self.matrix, precision=HIGHEST) + self.offset
+        return self.bias - 0.5 * jnp.maximum(quad, 0.0)
+
+    @classmethod
+    def build(cls, weights, means, variances) -> DiagTerms:
+        """Matmuls run at full precision whatever the global default (TPU/TF32 would lose
+        ~1e-3 relative); float32 unless the parameters are float64."""
+        dtype = jax.dtypes.canonicalize_dtype(
+            jnp.result_type(means.dtype, variances.dtype, jnp.float32))
+        means, variances = means.astype(dtype), variances.astype(dtype)
+        centre = jnp.mean(means, axis=0)
+        mc = means - centre
+        precision = 1.0 / variances
+        matrix = jnp.concatenate([precision, -2.0 * mc * precision], axis=1).T
+        log_det = jnp.sum(jnp.log(variances), axis=1)
+        bias = (jnp.log(weights.astype(dtype))
+                - 0.5 * (means.shape[-1] * math.log(2.0 * math.pi) + log_det))
+        return cls(matrix, jnp.sum(mc * mc * precision, axis=1), bias, centre)
+
+
+def _joint_dtype(x: jax.Array, means: jax.Array):
+    return jax.dtypes.canonicalize_dtype(jnp.result_type(x.dtype, means.dtype, jnp.float32))
+
+
+def log_gaussian_diag(x: jax.Array, means: jax.Array, variances: jax.Array) -> jax.Array:
+    """log N(x_n; mu_k, diag var_k) for every pair, (N, D) x (K, D) -> (N, K), as one matmul
+    (`DiagTerms` with unit weights), in the promoted dtype of x and the means."""
+    dtype = _joint_dtype(x, means)
+    terms = DiagTerms.build(jnp.ones(means.shape[:1], dtype), means.astype(dtype),
+                            variances.astype(dtype))
+    return terms.log_joint_from_features(terms.features(x))
 
 
 @struct.dataclass
@@ -54,7 +90,10 @@ class CLSMixture:
 
     def log_joint(self, x: jax.Array) -> jax.Array:
         """log w_k + log N(x; mu_k, var_k), (N, K)."""
-        return log_gaussian_diag(x, self.means, self.variances) + jnp.log(self.weights)
+        dtype = _joint_dtype(x, self.means)
+        terms = DiagTerms.build(self.weights.astype(dtype), self.means.astype(dtype),
+                                self.variances.astype(dtype))
+        return terms.log_joint_from_features(terms.features(x))
 
     def log_prob(self, x: jax.Array) -> jax.Array:
         """Per-sample log-likelihood log sum_k w_k N(x; mu_k, var_k) (sklearn score_samples)."""

@@ -6,7 +6,8 @@ squared norms: the reference's variance, the mean over dims of the per-dim varia
 0), equals (E|x|^2 - |mu|^2) / D, so no K x H x W x C sum of squares is needed. The sums are
 sharded over the mesh's "modes" axis (for K = 8192 at 16x16x768 they are 6.4 GB float32) and
 taken relative to the first batch's mean, which keeps E|x|^2 - |mu|^2 from cancelling.
-Empty modes get the global mean and variance; the weights are the CLS weights (j.27).
+Empty modes get the unweighted mean of the non-empty modes' means and the mean of their
+variances, as upstream does; the weights are the CLS weights (j.27).
 """
 
 from __future__ import annotations
@@ -41,18 +42,23 @@ _accumulate_jit = jax.jit(_accumulate, static_argnames=("flip", "by_label"),
 
 @jax.jit
 def _finalize(sums, sumsq, counts, shift):
+    """Per-mode means and scalar variances; a mode that received no image gets what
+    MM-FM's `spatial_gmm_imagenet.py` gives it (REFERENCE e.2): the unweighted mean of the
+    non-empty modes' means and the mean of their variances (not the count-weighted data
+    mean, nor the total variance about it, which would add the spread between modes)."""
     n = counts.astype(jnp.float32)
     dim = sums[0].size
     safe = jnp.maximum(n, 1.0)
     means = sums / safe[:, None, None, None]
     variances = jnp.maximum(
         (sumsq / safe - jnp.sum(means * means, axis=(1, 2, 3))) / dim, 0.0)
-    total = jnp.maximum(jnp.sum(n), 1.0)
-    global_mean = jnp.sum(sums, axis=0) / total
-    global_var = jnp.maximum((jnp.sum(sumsq) / total - jnp.sum(global_mean ** 2)) / dim, 0.0)
+    filled = (counts > 0).astype(jnp.float32)
+    n_filled = jnp.maximum(jnp.sum(filled), 1.0)
+    fill_mean = jnp.sum(means * filled[:, None, None, None], axis=0) / n_filled  # exact sum
+    fill_var = jnp.sum(filled * variances) / n_filled
     empty = counts == 0
-    means = jnp.where(empty[:, None, None, None], global_mean[None], means) + shift
-    variances = jnp.where(empty, global_var, variances)
+    means = jnp.where(empty[:, None, None, None], fill_mean[None], means) + shift
+    variances = jnp.where(empty, fill_var, variances)
     return means, variances
 
 
@@ -92,7 +98,7 @@ def spatial_pass(batches: Iterable[tuple[np.ndarray, np.ndarray]], cls_mixture: 
                    jax.device_put(jnp.zeros((k,), jnp.int32), rep))
             shift = jax.device_put(jnp.asarray(latents.astype(np.float32).mean(axis=0)), rep)
         rows = latents.shape[0]
-        padded = -(-rows // multiple) * multiple
+        padded = parallel.round_up(rows, multiple)
         pad = [(0, padded - rows)]
         batch = (np.pad(latents, pad + [(0, 0)] * 3), np.pad(second, pad + [(0, 0)] * (
             second.ndim - 1)), np.arange(padded) < rows)

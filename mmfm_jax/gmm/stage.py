@@ -1,7 +1,14 @@
-"""`--stage=fit_gmm`: CLS tokens -> CLS mixture -> spatial pass, resumable between the two."""
+"""A run's mixtures: where they live, how the fit writes them, how a run reads them back.
+
+`fit_from_batches` is the fit of `--stage=fit_gmm` (CLS tokens -> CLS mixture -> spatial
+pass, resumable between the two; `gmm/job.py` feeds it encoded images). `gmm_dir` is the
+run's mixture directory (config.gmm.path, else `<workdir>/gmm`) and `load_fitted` the one
+reader that training and sampling share.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -55,3 +62,27 @@ def fit_from_batches(batches_fn: Callable[[], Iterable[tuple[np.ndarray, np.ndar
     log_fn(f"fit_gmm: spatial mixture saved to {out_dir} ({int(counts.sum())} latents incl. "
            f"flips, {int((counts == 0).sum())} empty modes, {time.perf_counter() - t0:.1f} s)")
     return cls_mixture, spatial
+
+
+def gmm_dir(cfg, workdir: str) -> str:
+    """The run's mixture directory: config.gmm.path, else `<workdir>/gmm`."""
+    return cfg.gmm.path or os.path.join(workdir, "gmm")
+
+
+def load_fitted(cfg, workdir: str) -> tuple[CLSMixture, SpatialMixture] | None:
+    """(CLS mixture, spatial mixture) of a GMM run, None for the Gaussian baseline.
+
+    Raises FileNotFoundError when the directory is missing and ValueError when its mode
+    count is not config.gmm.num_components."""
+    if cfg.source != "gmm":
+        return None
+    path = gmm_dir(cfg, workdir)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no fitted mixtures; run --stage=fit_gmm or set "
+                                "config.gmm.path")
+    cls_mix, spatial = io.load(path)
+    k = cfg.gmm.num_components
+    if cls_mix.n_components != k:
+        raise ValueError(f"{path}: mixture has {cls_mix.n_components} modes, config.gmm."
+                         f"num_components is {k}")
+    return cls_mix, spatial

@@ -1,4 +1,11 @@
-"""Flax NNX models of MM-FM: the DiTDH flow model."""
+"""Flax NNX networks of MM-FM and their on-disk format.
+
+The DiTDH flow model (`ditdh`, exported here), the RAE's DINOv2-family encoder and ViT
+decoder (`dinov2`, `rae_decoder`; assembled by `mmfm_jax.rae`) and the FID Inception
+(`inception`), built from shared blocks (`layers`). Every network is saved as one kind of
+model directory (`model_dir`), filled into an abstract module by `state_arrays` and checked
+by the one strict key check (`strict_keys`).
+"""
 
 from mmfm_jax.models.ditdh import (
     DiTDH,

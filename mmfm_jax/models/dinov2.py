@@ -12,7 +12,13 @@ CLS token either and tanh-GELU it is the SigLIP2 vision tower (`Siglip2VisionMod
 one fixed resolution, without its pooling head).
 
 The pre-LN ViT block here is shared with the RAE decoder (`rae_decoder.py`), which is
-the same block without LayerScale.
+the same block without LayerScale; its `Linear` and `Attention` (the HF layout: separate
+query/key/value/out) are the ones every network shares (`layers.py`).
+
+Precision (`dtype` bfloat16) mirrors torch autocast, as upstream encodes its GMM data:
+bfloat16 matmul and attention operands with float32 accumulation; the residual stream,
+LayerNorms, LayerScale and GELU stay float32 (GELU runs on the widened fc1 output and is
+rounded once, as fc2's operand).
 """
 
 from __future__ import annotations
@@ -23,48 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-class Buffer(nnx.Variable):
-    """A frozen array loaded from a checkpoint (position tables, latent statistics)."""
-
-
-class KeySeq:
-    """Distinct PRNG keys folded from one key with a Python counter.
-
-    nnx.Rngs keeps a traced counter whose every update, inside `nnx.eval_shape`, costs
-    time linear in the trace so far; building the full-size RAE abstractly (to load a
-    checkpoint) would take tens of seconds. Folding in a Python int avoids that.
-    """
-
-    def __init__(self, key: jax.Array):
-        self.key, self.count = key, 0
-
-    def __call__(self) -> jax.Array:
-        self.count += 1
-        return jax.random.fold_in(self.key, self.count)
-
-
-def param(value: jax.Array, names: tuple[str | None, ...] | None = None) -> nnx.Param:
-    """A float32 parameter, optionally carrying logical axis names
-    (`parallel.LOGICAL_AXIS_RULES`); placed on a mesh at load time, not eagerly."""
-    if names is None:
-        return nnx.Param(jnp.asarray(value, jnp.float32))
-    return nnx.Param(jnp.asarray(value, jnp.float32), out_sharding=tuple(names),
-                     eager_sharding=False)
-
-
-class Linear(nnx.Module):
-    """y = x W + b, W (in, out) float32, evaluated in `dtype`."""
-
-    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], *, keys: KeySeq,
-                 dtype=jnp.float32):
-        self.kernel = param(nnx.initializers.lecun_normal()(keys(), (d_in, d_out)), names)
-        self.bias = param(jnp.zeros((d_out,)), names[1:])
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y + self.bias[...].astype(self.dtype)
+from mmfm_jax.models.layers import Attention, Buffer, KeySeq, Linear, param
 
 
 class LayerNorm(nnx.Module):
@@ -83,26 +48,6 @@ class LayerNorm(nnx.Module):
         return y if self.scale is None else y * self.scale[...] + self.bias[...]
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention with separate q/k/v projections (bias), scale hd^-1/2."""
-
-    def __init__(self, d: int, num_heads: int, *, keys: KeySeq, dtype=jnp.float32):
-        if d % num_heads:
-            raise ValueError(f"width {d} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.query = Linear(d, d, ("embed", "heads"), keys=keys, dtype=dtype)
-        self.key = Linear(d, d, ("embed", "heads"), keys=keys, dtype=dtype)
-        self.value = Linear(d, d, ("embed", "heads"), keys=keys, dtype=dtype)
-        self.out = Linear(d, d, ("heads", "embed"), keys=keys, dtype=dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        o = jax.nn.dot_product_attention(q, k, v)
-        return self.out(o.reshape(b, t, d))
-
-
 class TransformerBlock(nnx.Module):
     """Pre-LN ViT block: h + ls1 * attn(LN1(h)), then h + ls2 * fc2(GELU(fc1(LN2(h)))).
 
@@ -115,18 +60,21 @@ class TransformerBlock(nnx.Module):
                  gelu_approximate: bool = False):
         self.gelu_approximate = gelu_approximate
         self.norm1 = LayerNorm(d, eps)
-        self.attn = Attention(d, num_heads, keys=keys, dtype=dtype)
+        self.attn = Attention(d, num_heads, keys=keys, fused_qkv=False, init="lecun",
+                              dtype=dtype)
         self.norm2 = LayerNorm(d, eps)
-        self.fc1 = Linear(d, mlp_dim, ("embed", "mlp"), keys=keys, dtype=dtype)
-        self.fc2 = Linear(mlp_dim, d, ("mlp", "embed"), keys=keys, dtype=dtype)
+        self.fc1 = Linear(d, mlp_dim, axes=("embed", "mlp"), keys=keys, init="lecun",
+                          dtype=dtype)
+        self.fc2 = Linear(mlp_dim, d, axes=("mlp", "embed"), keys=keys, init="lecun",
+                          dtype=dtype)
         self.ls1 = param(jnp.ones((d,)), ("embed",)) if layer_scale else None
         self.ls2 = param(jnp.ones((d,)), ("embed",)) if layer_scale else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a = self.attn(self.norm1(x)).astype(jnp.float32)
         x = x + (a * self.ls1[...] if self.ls1 is not None else a)
-        m = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=self.gelu_approximate))
-        m = m.astype(jnp.float32)
+        hidden = self.fc1(self.norm2(x)).astype(jnp.float32)
+        m = self.fc2(jax.nn.gelu(hidden, approximate=self.gelu_approximate)).astype(jnp.float32)
         return x + (m * self.ls2[...] if self.ls2 is not None else m)
 
 
@@ -196,7 +144,7 @@ class Dinov2Encoder(nnx.Module):
         patches = pixels.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, gh * gw, p * p * c).astype(self.dtype)
         kernel = self.patch_kernel[...].reshape(p * p * c, -1).astype(self.dtype)
-        x = jnp.einsum("bnk,kd->bnd", patches, kernel).astype(jnp.float32)
+        x = jnp.einsum("bnk,kd->bnd", patches, kernel, preferred_element_type=jnp.float32)
         x = x + self.patch_bias[...]
         if self.cls_token is None:
             return x + self.pos_embed[...]

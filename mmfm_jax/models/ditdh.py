@@ -2,17 +2,16 @@
 
 An encoder stream (width D_e, sin-cos pos-embed, global adaLN conditioning) produces a
 per-token condition s for a wide head stream (width D_h) that re-embeds the same noisy
-input; see REFERENCE.md (c). Also here: the upstream key map (one table, used both by the
-converter and by `export_torch_state_dict`), the on-disk format (safetensors + config.json)
-and the sharding of the parameters over a mesh.
+input; see REFERENCE.md (c). Also here: the model sizes, the upstream key map (one table,
+used both by the converter and by `export_torch_state_dict`), saving and loading model
+directories (the common format of `model_dir`, "mmfm_jax.ditdh") and the sharding of the
+parameters over a mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from mmfm_jax import parallel
+from mmfm_jax.models import model_dir as directory
+from mmfm_jax.models import scan
 from mmfm_jax.models.layers import (
     Attention,
     Buffer,
@@ -34,10 +35,13 @@ from mmfm_jax.models.layers import (
     modulate,
     swiglu_hidden,
 )
-from mmfm_jax.models.state_arrays import flat_variables, merge_from_arrays, variable_sharding
+from mmfm_jax.models.state_arrays import flat_variables, module_from_arrays, variable_sharding
+from mmfm_jax.models.strict_keys import check_keys
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+FORMAT = "mmfm_jax.ditdh"
+MODEL_DIR = directory.Format(
+    FORMAT, convert_hint="convert a checkpoint with `python -m convert ditdh`",
+    legacy=(directory.Layout(None, "model.safetensors"),))  # before format names
 NUM_FREQS = 256  # Gaussian-Fourier features of t
 
 # DiTDH sizes (REFERENCE.md c.5): (encoder, head) widths, depths and heads; the head is
@@ -58,12 +62,19 @@ def _pair(v) -> tuple[int, int]:
     return int(v), int(v)
 
 
+# compute_dtype -> (matmul/attention operand dtype, residual-stream dtype). "bfloat16" is
+# upstream's torch autocast: bfloat16 operands with float32 accumulation, float32 streams,
+# norms, RoPE, softmax, embeddings and modulation. "bfloat16_all" also casts the streams.
+COMPUTE_DTYPES = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "float32"),
+                  "bfloat16_all": ("bfloat16", "bfloat16")}
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTDHConfig:
     """Architecture (RAE's `stage_2.params`) plus run-time options (dtype, remat, attention).
 
     Pairs are (encoder, head). class_dropout_prob > 0 means the label table has a null row
-    at index num_classes.
+    at index num_classes. `compute_dtype` is a precision policy of `COMPUTE_DTYPES`.
     """
 
     input_size: int
@@ -76,8 +87,9 @@ class DiTDHConfig:
     class_dropout_prob: float = 0.1
     use_y_conditioning: bool = True
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = False  # True/"full", False/"none" or a jax.checkpoint_policies name
     attention_impl: str | None = None
+    scan_blocks: bool = False  # each stream's blocks as one stacked module under lax.scan
 
     def __post_init__(self):
         for name in ("hidden_size", "depth", "num_heads"):
@@ -89,13 +101,23 @@ class DiTDHConfig:
         if self.hidden_size[0] % 4:
             raise ValueError(f"DiTDH encoder width {self.hidden_size[0]} must be divisible by 4 "
                              "(2-D sin-cos pos-embed)")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"compute_dtype {self.compute_dtype!r}: use float32 or bfloat16")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r}: use one of "
+                             f"{', '.join(COMPUTE_DTYPES)}")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl {self.attention_impl!r}: use None, xla or cudnn")
-        if self.attention_impl == "cudnn" and self.compute_dtype != "bfloat16":
+        if self.attention_impl == "cudnn" and self.dtype != jnp.bfloat16:
             raise ValueError("attention_impl 'cudnn' needs compute_dtype 'bfloat16' (cuDNN "
                              "flash attention has no float32 kernel)")
+        scan.remat_name(self.remat)  # raises for an unknown policy
+        if self.scan_blocks and min(self.depth) < 1:
+            raise ValueError(f"DiTDH scan_blocks needs at least one block per stream, got "
+                             f"depth {self.depth}")
+
+    @property
+    def remat_policy(self) -> str:
+        """`remat` as one of `scan.REMAT_POLICIES` ("none", "full", "dots_saveable", ...)."""
+        return scan.remat_name(self.remat)
 
     @property
     def null_label(self) -> int:
@@ -111,7 +133,13 @@ class DiTDHConfig:
 
     @property
     def dtype(self):
-        return jnp.dtype(self.compute_dtype)
+        """The dtype of matmul and attention operands, and of what a `Linear` returns."""
+        return jnp.dtype(COMPUTE_DTYPES[self.compute_dtype][0])
+
+    @property
+    def stream_dtype(self):
+        """The dtype of the residual streams, norms, RoPE, modulation and embeddings."""
+        return jnp.dtype(COMPUTE_DTYPES[self.compute_dtype][1])
 
     @classmethod
     def from_upstream_params(cls, params: Mapping[str, Any], **overrides) -> DiTDHConfig:
@@ -199,18 +227,23 @@ class DDTBlock(nnx.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs,
                  dtype, attention_impl: str | None):
         self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype,
+        self.attn = Attention(dim, num_heads, keys=rngs.params, fused_qkv=True, dtype=dtype,
                               implementation=attention_impl)
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, mlp_ratio, rngs=rngs, dtype=dtype)
-        self.adaLN_modulation = Linear(dim, 6 * dim, axes=("embed", "mlp"), rngs=rngs,
+        self.adaLN_modulation = Linear(dim, 6 * dim, axes=("embed", "mlp"), keys=rngs.params,
                                        init="zeros", dtype=dtype)
 
     def __call__(self, h: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array):
-        mods = jnp.split(self.adaLN_modulation(jax.nn.silu(cond)), 6, axis=-1)
+        """h (B, N, D) in the stream dtype, returned in it: the norms, modulation, RoPE and
+        gated residual adds run there; the (bfloat16) Linear outputs are widened first."""
+        stream = h.dtype
+        mods = jnp.split(self.adaLN_modulation(jax.nn.silu(cond.astype(stream))), 6, axis=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        h = h + gate_msa * self.attn(modulate(self.norm1(h), shift_msa, scale_msa), cos, sin)
-        return h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        a = self.attn(modulate(self.norm1(h), shift_msa, scale_msa), (cos, sin))
+        h = h + gate_msa.astype(stream) * a.astype(stream)
+        m = self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        return h + gate_mlp.astype(stream) * m.astype(stream)
 
 
 class FinalLayer(nnx.Module):
@@ -218,14 +251,17 @@ class FinalLayer(nnx.Module):
 
     def __init__(self, dim: int, out_channels: int, *, rngs: nnx.Rngs, dtype):
         self.norm_final = RMSNorm(dim)
-        self.adaLN_modulation = Linear(dim, 2 * dim, axes=("embed", "mlp"), rngs=rngs,
+        self.adaLN_modulation = Linear(dim, 2 * dim, axes=("embed", "mlp"), keys=rngs.params,
                                        init="zeros", dtype=dtype)
-        self.linear = Linear(dim, out_channels, axes=("embed", "channels"), rngs=rngs,
+        self.linear = Linear(dim, out_channels, axes=("embed", "channels"), keys=rngs.params,
                              init="zeros", dtype=dtype)
 
     def __call__(self, h: jax.Array, s: jax.Array) -> jax.Array:
-        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(s)), 2, axis=-1)
-        return self.linear(modulate(self.norm_final(h), shift, scale))
+        """The velocity in h's (stream) dtype: the last Linear's accumulator is not rounded
+        to the operand dtype (autocast's would be: bfloat16)."""
+        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(s.astype(h.dtype))), 2,
+                                 axis=-1)
+        return self.linear(modulate(self.norm_final(h), shift, scale), out_dtype=h.dtype)
 
 
 class RoPE(nnx.Module):
@@ -247,26 +283,46 @@ class DiTDH(nnx.Module):
         (de, dh), (le, lh), (he, hh) = cfg.hidden_size, cfg.depth, cfg.num_heads
         c = cfg.in_channels
         self.pos_embed = Frozen(jnp.asarray(sincos_pos_embed(de, cfg.input_size)))
-        self.x_embedder = Linear(c, dh, axes=("channels", "embed"), rngs=rngs, init="xavier",
-                                 dtype=dt)
-        self.s_embedder = Linear(c, de, axes=("channels", "embed"), rngs=rngs, init="xavier",
-                                 dtype=dt)
-        self.s_projector = (Linear(de, dh, axes=("embed", "mlp"), rngs=rngs, dtype=dt)
+        self.x_embedder = Linear(c, dh, axes=("channels", "embed"), keys=rngs.params,
+                                 init="xavier", dtype=dt)
+        self.s_embedder = Linear(c, de, axes=("channels", "embed"), keys=rngs.params,
+                                 init="xavier", dtype=dt)
+        self.s_projector = (Linear(de, dh, axes=("embed", "mlp"), keys=rngs.params, dtype=dt)
                             if de != dh else None)
         self.t_embedder = TimestepEmbedder(de, rngs=rngs, num_freqs=NUM_FREQS, dtype=dt)
         self.y_embedder = LabelEmbedder(cfg.num_label_rows, de, rngs=rngs, dtype=dt)
         self.final_layer = FinalLayer(dh, c, rngs=rngs, dtype=dt)
         self.enc_feat_rope = RoPE(de // he, cfg.input_size)
         self.dec_feat_rope = RoPE(dh // hh, cfg.input_size)
-        self.blocks = nnx.List(
-            [DDTBlock(de, he, cfg.mlp_ratio, rngs=rngs, dtype=dt,
-                      attention_impl=cfg.attention_impl) for _ in range(le)]
-            + [DDTBlock(dh, hh, cfg.mlp_ratio, rngs=rngs, dtype=dt,
-                        attention_impl=cfg.attention_impl) for _ in range(lh)])
+        encoder = [DDTBlock(de, he, cfg.mlp_ratio, rngs=rngs, dtype=dt,
+                            attention_impl=cfg.attention_impl) for _ in range(le)]
+        head = [DDTBlock(dh, hh, cfg.mlp_ratio, rngs=rngs, dtype=dt,
+                         attention_impl=cfg.attention_impl) for _ in range(lh)]
+        if cfg.scan_blocks:  # the same weights as unrolled, stacked (`block_stacks`)
+            self.encoder_blocks = scan.stack_modules(encoder)
+            self.head_blocks = scan.stack_modules(head)
+        else:
+            self.blocks = nnx.List(encoder + head)
 
     @property
     def null_label(self) -> int:
         return self.config.null_label
+
+    def _run_blocks(self, stream: str, h: jax.Array, cond: jax.Array, cos: jax.Array,
+                    sin: jax.Array) -> jax.Array:
+        """`h` through the "encoder" or "head" blocks: one lax.scan over the stacked
+        module with `scan_blocks`, else a Python loop; each block rematerialised by the
+        config's remat policy."""
+        cfg = self.config
+        if cfg.scan_blocks:
+            stack = self.encoder_blocks if stream == "encoder" else self.head_blocks
+            return scan.scan_modules(stack, lambda block, c: _block(block, c, cond, cos, sin),
+                                     h, remat=cfg.remat_policy)
+        le = cfg.depth[0]
+        run = _block_runner(cfg.remat_policy)
+        for block in (self.blocks[:le] if stream == "encoder" else self.blocks[le:]):
+            h = run(block, h, cond, cos, sin)
+        return h
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
         cfg = self.config
@@ -274,26 +330,22 @@ class DiTDH(nnx.Module):
         if (hgt, wdt, c) != (cfg.input_size, cfg.input_size, cfg.in_channels):
             raise ValueError(f"DiTDH expects x of shape (B, {cfg.input_size}, "
                              f"{cfg.input_size}, {cfg.in_channels}), got {x.shape}")
-        dt = cfg.dtype
-        tok = x.reshape(b, hgt * wdt, c).astype(dt)  # token n = i*S + j
-        temb = self.t_embedder(t)
-        cond = temb + self.y_embedder(y) if cfg.use_y_conditioning else temb
+        st = cfg.stream_dtype  # float32 but under "bfloat16_all"; Linears cast operands
+        tok = x.reshape(b, hgt * wdt, c)  # token n = i*S + j
+        temb = self.t_embedder(t).astype(st)
+        cond = temb + self.y_embedder(y).astype(st) if cfg.use_y_conditioning else temb
         cond = jax.nn.silu(cond)[:, None, :]
 
-        le = cfg.depth[0]
-        run = _remat_block if cfg.remat else _block
-        s = self.s_embedder(tok) + self.pos_embed[...].astype(dt)
+        s = self.s_embedder(tok).astype(st) + self.pos_embed[...].astype(st)
         enc_cos, enc_sin = self.enc_feat_rope.freqs_cos[...], self.enc_feat_rope.freqs_sin[...]
-        for block in self.blocks[:le]:
-            s = run(block, s, cond, enc_cos, enc_sin)
+        s = self._run_blocks("encoder", s, cond, enc_cos, enc_sin)
         s = jax.nn.silu(temb[:, None, :] + s)
         if self.s_projector is not None:
-            s = self.s_projector(s)
+            s = self.s_projector(s).astype(st)
 
-        h = self.x_embedder(tok)
+        h = self.x_embedder(tok).astype(st)  # the head stream: float32 too (autocast: bf16)
         dec_cos, dec_sin = self.dec_feat_rope.freqs_cos[...], self.dec_feat_rope.freqs_sin[...]
-        for block in self.blocks[le:]:
-            h = run(block, h, s, dec_cos, dec_sin)
+        h = self._run_blocks("head", h, s, dec_cos, dec_sin)
         out = self.final_layer(h, s)
         return out.astype(jnp.float32).reshape(b, hgt, wdt, c)
 
@@ -303,6 +355,15 @@ def _block(block, h, cond, cos, sin):
 
 
 _remat_block = nnx.remat(_block)
+_REMAT_RUNNERS = {"none": _block, "full": _remat_block}
+
+
+def _block_runner(policy: str):
+    """`_block`, or it under nnx.remat with the checkpoint policy `policy` (unrolled
+    blocks; the scanned ones are rematerialised inside `scan.scan_modules`)."""
+    if policy not in _REMAT_RUNNERS:
+        _REMAT_RUNNERS[policy] = nnx.remat(_block, policy=scan.checkpoint_policy(policy))
+    return _REMAT_RUNNERS[policy]
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,6 +378,7 @@ class KeySpec:
     path: str  # "/"-joined path in nnx.state(model)
     kind: str  # COPY, LINEAR (W^T) or CONV1X1 (W[:, :, 0, 0]^T)
     torch_shape: tuple[int, ...]
+    layer: int | None = None  # index along the stacked axis of `path` (scan_blocks)
 
 
 def _linear_keys(torch_prefix: str, path: str, din: int, dout: int) -> list[KeySpec]:
@@ -358,7 +420,28 @@ def torch_key_map(cfg: DiTDHConfig) -> list[KeySpec]:
         specs += _linear_keys(f"{tp}.mlp.w12", f"{pp}/mlp/w12", d, 2 * f)
         specs += _linear_keys(f"{tp}.mlp.w3", f"{pp}/mlp/w3", f, d)
         specs += _linear_keys(f"{tp}.adaLN_modulation.1", f"{pp}/adaLN_modulation", d, 6 * d)
-    return specs
+    return _stacked_specs(specs, cfg) if cfg.scan_blocks else specs
+
+
+def block_stacks(cfg: DiTDHConfig) -> tuple[scan.LayerStack, scan.LayerStack]:
+    """Where the blocks live in both layouts: unrolled `blocks/{i}` (encoder first, then
+    head, as upstream's `blocks.{i}`) and stacked `encoder_blocks` / `head_blocks`."""
+    le, lh = cfg.depth
+    return (scan.LayerStack("encoder_blocks", tuple(f"blocks/{i}" for i in range(le))),
+            scan.LayerStack("head_blocks", tuple(f"blocks/{i}" for i in range(le, le + lh))))
+
+
+def _stacked_specs(specs: list[KeySpec], cfg: DiTDHConfig) -> list[KeySpec]:
+    """Per-layer block paths "blocks/{i}/..." as (stacked path, layer index)."""
+    where = {layer: (stack.stacked, k) for stack in block_stacks(cfg)
+             for k, layer in enumerate(stack.layers)}
+    out = []
+    for spec in specs:
+        parts = spec.path.split("/")
+        hit = where.get("/".join(parts[:2])) if parts[0] == "blocks" else None
+        out.append(spec if hit is None else dataclasses.replace(
+            spec, path="/".join([hit[0], *parts[2:]]), layer=hit[1]))
+    return out
 
 
 def from_torch_layout(kind: str, value: np.ndarray) -> np.ndarray:
@@ -416,19 +499,28 @@ def shard_model(model: DiTDH, mesh) -> DiTDH:
 def model_from_arrays(config: DiTDHConfig, arrays: Mapping[str, np.ndarray], *, source: str,
                       mesh=None) -> DiTDH:
     """Build a DiTDH whose every variable comes from `arrays` ({"path": array}), strictly:
-    missing, unexpected or mis-shaped entries raise one error naming them."""
+    missing, unexpected or mis-shaped entries raise one error naming them. The blocks may
+    come in either layout, unrolled or stacked (`arrays_in_layout`)."""
     abstract = abstract_model(config)
-    graphdef, state = nnx.split(abstract)
-    variables = flat_state(state)
-    missing = [k for k in variables if k not in arrays]
-    unexpected = [k for k in arrays if k not in variables]
-    misshaped = [f"{k}: shape {tuple(arrays[k].shape)}, expected {tuple(v.shape)}"
-                 for k, v in variables.items() if k in arrays
-                 and tuple(arrays[k].shape) != tuple(v.shape)]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"{source}: missing {missing}, unexpected {unexpected}, "
-                         f"mis-shaped {misshaped}")
-    return merge_from_arrays(graphdef, state, arrays, mesh)
+    arrays = arrays_in_layout(abstract, arrays, source=source)
+    return module_from_arrays(abstract, arrays, source=source, mesh=mesh)
+
+
+def arrays_in_layout(model: DiTDH, arrays: Mapping[str, np.ndarray], *, source: str
+                     ) -> Mapping[str, np.ndarray]:
+    """`arrays` with the blocks unrolled ("blocks/{i}/...") or stacked ("encoder_blocks/...",
+    `scan_blocks`), whichever they are, checked strictly in the layout they are in (errors
+    name the stored keys), in the layout of `model` (shape-only is enough)."""
+    stacks = block_stacks(model.config)
+    stored = scan.is_stacked(arrays, stacks)
+    want = model.config.scan_blocks
+    if stored is None or stored == want:
+        return arrays
+    expected = {name: tuple(v.shape) for name, v in flat_state(model).items()}
+    expected = scan.unstack_shapes(expected, stacks) if want else scan.stack_shapes(
+        expected, stacks)
+    check_keys(expected, arrays, source)
+    return scan.stack_arrays(arrays, stacks) if want else scan.unstack_arrays(arrays, stacks)
 
 
 def _host_arrays(model: DiTDH) -> dict[str, np.ndarray]:
@@ -438,50 +530,47 @@ def _host_arrays(model: DiTDH) -> dict[str, np.ndarray]:
 
 
 def save_arrays(config: DiTDHConfig, arrays: Mapping[str, np.ndarray], out_dir: str) -> None:
-    """Write {"path": array} + config.json as a model directory, atomically."""
-    from safetensors.numpy import save_file
-
-    from convert.common import atomic_directory  # torch-free; only imports numpy & stdlib
-
-    with atomic_directory(out_dir) as tmp:
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()},
-                  os.path.join(tmp, WEIGHTS_FILE))
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    """Write {"path": array} + the config as a model directory, atomically."""
+    directory.write(out_dir, MODEL_DIR, config.to_dict(), arrays)
 
 
-def save_ditdh(model: DiTDH, out_dir: str) -> None:
-    """Write the model (weights gathered to the host) in the format `load_ditdh` reads."""
-    if jax.process_index() == 0:
-        save_arrays(model.config, _host_arrays(model), out_dir)
-    else:  # still take part in the gather
-        _host_arrays(model)
+def save_ditdh(model: DiTDH, out_dir: str, *, scan_blocks: bool | None = None) -> None:
+    """Write the model (weights gathered to the host) in the format `load_ditdh` reads,
+    with the blocks stacked or unrolled as `scan_blocks` says (None: as the model has them)."""
+    arrays = _host_arrays(model)  # every process takes part in the gather
+    if jax.process_index() != 0:
+        return
+    config = model.config
+    if scan_blocks is not None and scan_blocks != config.scan_blocks:
+        stacks = block_stacks(config)
+        arrays = (scan.stack_arrays(arrays, stacks) if scan_blocks
+                  else scan.unstack_arrays(arrays, stacks))
+        config = dataclasses.replace(config, scan_blocks=scan_blocks)
+    save_arrays(config, arrays, out_dir)
 
 
-def load_config(model_dir: str) -> DiTDHConfig:
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no DiTDH config.json (convert a checkpoint with "
-                                "`python -m convert ditdh`)")
-    with open(path) as f:
-        return DiTDHConfig.from_dict(json.load(f))
+def load_ditdh(model_dir: str, *, mesh=None, compute_dtype: str | None = None,
+               scan_blocks: bool | None = None) -> DiTDH:
+    """Load a model directory (converted or saved); shards the variables over `mesh` when
+    one is given. `compute_dtype` overrides the saved one; `scan_blocks` chooses stacked or
+    unrolled blocks whatever the directory stores (None: as saved; directories from before
+    scan_blocks are unrolled)."""
+    def abstract(saved: dict) -> DiTDH:
+        config = DiTDHConfig.from_dict(saved)
+        if compute_dtype is not None:
+            config = dataclasses.replace(config, compute_dtype=compute_dtype)
+        if scan_blocks is not None:
+            config = dataclasses.replace(config, scan_blocks=scan_blocks)
+        return abstract_model(config)
 
-
-def load_ditdh(model_dir: str, *, mesh=None, compute_dtype: str | None = None) -> DiTDH:
-    """Load a converted directory; shards the variables over `mesh` when one is given."""
-    from safetensors.numpy import load_file
-
-    config = load_config(model_dir)
-    if compute_dtype is not None:
-        config = dataclasses.replace(config, compute_dtype=compute_dtype)
-    path = os.path.join(model_dir, WEIGHTS_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing DiTDH weights")
-    return model_from_arrays(config, load_file(path), source=path, mesh=mesh)
+    return directory.load(model_dir, MODEL_DIR, abstract, mesh=mesh,
+                          relayout=lambda model, arrays, path: arrays_in_layout(
+                              model, arrays, source=path))
 
 
 def export_torch_state_dict(model: DiTDH) -> dict[str, np.ndarray]:
     """Upstream `DiTwDDTHead.state_dict()` (names, order, NCHW/(out, in) layouts) as numpy."""
     arrays = _host_arrays(model)
-    return {s.torch_key: to_torch_layout(s.kind, arrays[s.path])
+    return {s.torch_key: to_torch_layout(
+                s.kind, arrays[s.path] if s.layer is None else arrays[s.path][s.layer])
             for s in torch_key_map(model.config)}

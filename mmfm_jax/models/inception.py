@@ -11,6 +11,9 @@ same weights file and key names, but channels-last and with the TF graph's own f
 * Branch average pools are 3x3/1/pad 1 with count_include_pad=False; Mixed_7c pools
   with max (the FID variant).
 
+A converted directory is a model directory of the common format (`model_dir.py`,
+"mmfm_jax.fid_inception"; `load` reads it). The fc is the shared `layers.Linear`.
+
 Outputs (a dict): `pool3` (B, 2048), `logits_unbiased` = pool3 @ W (used for the Inception
 Score, as the ADM evaluator does), `logits` (+ bias, 1008 classes), and `spatial`, the sFID
 features.
@@ -32,13 +35,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmfm_jax.models import model_dir
+from mmfm_jax.models.layers import Linear
+from mmfm_jax.models.state_arrays import flat_variables
+
 BN_EPS = 1e-3
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 SPATIAL_CHANNELS = 7
-WEIGHTS_FILE = "inception.safetensors"  # a converted directory: this + config.json
-CONFIG_FILE = "config.json"
-FORMAT = "mmfm_jax.fid_inception.v1"
+FORMAT = "mmfm_jax.fid_inception"
+MODEL_DIR = model_dir.Format(
+    FORMAT, convert_hint="convert the weights first with "
+    "`python -m convert inception --weights FILE.pth --out DIR`",
+    legacy=(model_dir.Layout("mmfm_jax.fid_inception.v1", "inception.safetensors", "."),))
+CONFIG_FILE = model_dir.CONFIG_FILE
 
 
 class BNStat(nnx.Variable):
@@ -221,22 +231,13 @@ class InceptionE(nnx.Module):
         return jnp.concatenate([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], axis=-1)
 
 
-class Linear(nnx.Module):
-    """fc: kernel (2048, 1008) = torch weight transposed, bias (1008,)."""
-
-    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (cin, cout), jnp.float32)
-                                * np.sqrt(1.0 / cin))
-        self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32))
-
-
 class InceptionV3(nnx.Module):
     """FID Inception-v3. `__call__(images)` takes (B, H, W, 3) uint8 (or float in [0, 255]).
 
     `dtype` is the compute dtype of the convolutions (float32 for FID parity); `precision`
     is their matmul precision ("highest" keeps float32 convs out of TF32/bf16 passes).
     Constructed weights are random (He-normal) and only meant for benchmarks; FID needs
-    the converted weights (`mmfm_jax.evaluate.load_inception`).
+    the converted weights (`load`).
     """
 
     def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32, precision: str | None = "highest"):
@@ -257,7 +258,9 @@ class InceptionV3(nnx.Module):
         self.Mixed_7a = InceptionD(768, **kw)
         self.Mixed_7b = InceptionE(1280, max_pool_branch=False, **kw)
         self.Mixed_7c = InceptionE(2048, max_pool_branch=True, **kw)
-        self.fc = Linear(2048, NUM_CLASSES, rngs=rngs)
+        # fc: kernel (2048, 1008) = torch weight transposed; applied in __call__, which
+        # needs the logits with and without the bias.
+        self.fc = Linear(2048, NUM_CLASSES, axes=None, keys=rngs.params, init="fan_in_normal")
         self.precision = precision
 
     def __call__(self, images: jax.Array, *, intermediates: bool = False) -> dict:
@@ -292,32 +295,23 @@ class InceptionV3(nnx.Module):
         return out
 
 
-def _abstract(dtype=jnp.float32, precision: str | None = "highest"):
-    return nnx.split(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), dtype=dtype,
-                                                        precision=precision)))
+def abstract_model(dtype=jnp.float32, precision: str | None = "highest") -> InceptionV3:
+    """The network with shape-only variables (nothing allocated)."""
+    return nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), dtype=dtype,
+                                              precision=precision))
 
 
 def param_shapes() -> dict[str, tuple[int, ...]]:
-    """Flat parameter names ("Mixed_5b.branch1x1.kernel") -> shapes: the converted layout."""
-    _, state = _abstract()
-    return {".".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+    """Variable paths ("Mixed_5b/branch1x1/kernel") -> shapes: the converted layout."""
+    return {name: tuple(var.shape)
+            for name, var in flat_variables(nnx.state(abstract_model())).items()}
 
 
-def from_arrays(arrays: dict[str, np.ndarray], *, source: str, dtype=jnp.float32,
-                precision: str | None = "highest") -> InceptionV3:
-    """An InceptionV3 holding `arrays` (names of `param_shapes`); refuses missing, extra
-    or mis-shaped entries with one message naming `source`."""
-    graphdef, state = _abstract(dtype, precision)
-    flat = list(nnx.to_flat_state(state))
-    names = [".".join(map(str, path)) for path, _ in flat]
-    problems = [f"missing {n} {tuple(v.shape)}" for n, (_, v) in zip(names, flat)
-                if n not in arrays]
-    problems += [f"{n}: shape {tuple(arrays[n].shape)}, expected {tuple(v.shape)}"
-                 for n, (_, v) in zip(names, flat)
-                 if n in arrays and tuple(arrays[n].shape) != tuple(v.shape)]
-    problems += [f"unexpected {k}" for k in arrays if k not in set(names)]
-    if problems:
-        raise ValueError(f"{source}: not a converted FID Inception: " + "; ".join(problems))
-    leaves = [(path, v.replace(jnp.asarray(arrays[n], jnp.float32)))
-              for n, (path, v) in zip(names, flat)]
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+def load(inception_dir: str, *, dtype=jnp.float32,
+         precision: str | None = "highest") -> InceptionV3:
+    """The FID Inception of a directory written by `python -m convert inception` (or by
+    earlier code, "."-joined names in inception.safetensors). Any reason it cannot be
+    loaded (a missing file, a wrong format, missing or mis-shaped arrays) is a ValueError
+    with a one-line message naming the file."""
+    return model_dir.load(inception_dir, MODEL_DIR, lambda _: abstract_model(dtype, precision))
+

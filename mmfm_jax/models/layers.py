@@ -1,32 +1,69 @@
-"""Building blocks of DiTDH, written to match RAE's PyTorch modules (REFERENCE.md c.2).
+"""Building blocks of the networks: one `Linear`, `Attention`, `Buffer` and `param` for all.
 
-Parameters are float32 `nnx.Param`s carrying logical axis names (`out_sharding` metadata,
-mapped to mesh axes by `mmfm_jax.parallel.LOGICAL_AXIS_RULES`; eager sharding is off so
-the same module builds without a mesh). Computation runs in `dtype` (float32 or bfloat16);
-numerically sensitive pieces (RMSNorm statistics, the Fourier time features) stay float32.
+`Linear`, `Attention`, `Buffer`, `param` and `KeySeq` are shared by DiTDH, the RAE encoder
+and decoder (`dinov2.py`, `rae_decoder.py`) and the FID Inception's fc (`inception.py`);
+where the networks differ (upstream initialisers, the fused or separate q/k/v layout of
+their checkpoints, RoPE), it is an option, so the variable paths stay the converted
+names. RMSNorm, SwiGLU, RoPE, adaLN modulation and the time/label embedders are DiTDH's
+(RAE's `stage_2`, REFERENCE.md c.2).
+
+Parameters are float32 `nnx.Param`s, optionally carrying logical axis names (`out_sharding`
+metadata, mapped to mesh axes by `mmfm_jax.parallel.LOGICAL_AXIS_RULES`; eager sharding is
+off so the same module builds without a mesh).
+
+Precision mirrors torch autocast, which upstream trains and samples under: `dtype` (float32
+or bfloat16) is the dtype of matmul and attention *operands* and of what `Linear` returns
+(autocast's linear outputs are bfloat16), accumulated in float32 (`preferred_element_type`).
+Everything else follows the dtype of the stream it is given: RMSNorm, RoPE, the SwiGLU
+gate, adaLN modulation and softmax run in float32 when the caller's residual stream is
+float32 (DiTDH's "bfloat16" policy, the RAE's encoder and decoder), and in bfloat16 only
+when the caller casts its stream to bfloat16 (DiTDH's "bfloat16_all"). The float32 path is
+unchanged by the policy: with float32 operands every step is the float32 computation.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+KeyFn = Callable[[], jax.Array]  # a source of fresh PRNG keys: `rngs.params` or a KeySeq
+
 
 class Frozen(nnx.Variable):
     """A loaded constant that is part of the checkpoint but never trained
-    (the sin-cos pos-embed and the Gaussian-Fourier W)."""
+    (DiTDH's sin-cos pos-embed and Gaussian-Fourier W)."""
 
 
 class Buffer(nnx.Variable):
-    """A non-parameter table stored in the checkpoint (the RoPE cos/sin tables)."""
+    """A non-parameter array stored in the checkpoint: DiTDH's RoPE cos/sin tables, the
+    RAE's position tables and latent statistics."""
 
 
-def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
-    """A trainable float32 parameter annotated with logical axis names."""
+class KeySeq:
+    """Distinct PRNG keys folded from one key with a Python counter.
+
+    nnx.Rngs keeps a traced counter whose every update, inside `nnx.eval_shape`, costs
+    time linear in the trace so far; building the full-size RAE abstractly (to load a
+    checkpoint) would take tens of seconds. Folding in a Python int avoids that.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key, self.count = key, 0
+
+    def __call__(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
+def param(value: jax.Array, axes: Sequence[str | None] | None = None) -> nnx.Param:
+    """A float32 parameter, optionally annotated with logical axis names (placed on a mesh
+    at load time, not eagerly)."""
+    if axes is None:
+        return nnx.Param(jnp.asarray(value, jnp.float32))
     return nnx.Param(jnp.asarray(value, jnp.float32), out_sharding=tuple(axes),
                      eager_sharding=False)
 
@@ -37,39 +74,59 @@ def torch_linear_init(key: jax.Array, fan_in: int, shape) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-class Linear(nnx.Module):
-    """y = x W + b with W (in, out) float32, evaluated in `dtype`.
+def _linear_init(init: str, keys: KeyFn, d_in: int, d_out: int) -> tuple[jax.Array, jax.Array]:
+    """(kernel, bias) of upstream's initialisers; see `Linear`."""
+    kshape, bshape = (d_in, d_out), (d_out,)
+    if init == "zeros":
+        return jnp.zeros(kshape), jnp.zeros(bshape)
+    if init == "xavier":
+        bound = math.sqrt(6.0 / (d_in + d_out))
+        return jax.random.uniform(keys(), kshape, jnp.float32, -bound, bound), jnp.zeros(bshape)
+    if init in ("torch", "normal"):
+        kernel = (0.02 * jax.random.normal(keys(), kshape) if init == "normal"
+                  else torch_linear_init(keys(), d_in, kshape))
+        return kernel, torch_linear_init(keys(), d_in, bshape)
+    if init == "lecun":
+        return nnx.initializers.lecun_normal()(keys(), kshape), jnp.zeros(bshape)
+    if init == "fan_in_normal":
+        kernel = jax.random.normal(keys(), kshape, jnp.float32) * math.sqrt(1.0 / d_in)
+        return kernel, jnp.zeros(bshape)
+    raise ValueError(f"unknown init {init!r}")
 
-    `init` selects upstream's initialiser: "torch" (default Linear), "zeros" (adaLN and
-    final layers), "xavier" (1x1 patch convs, bias 0) or "normal" (N(0, 0.02^2), bias torch).
+
+class Linear(nnx.Module):
+    """y = x W + b with W (in, out) float32; operands cast to `dtype`, products accumulated
+    in float32 (bias added there), the result rounded once to `dtype` (or `out_dtype`).
+
+    `axes` are the logical names of W's (in, out) dims (b takes the second); None leaves
+    both unannotated (replicated). `init` selects upstream's initialiser: "torch"
+    (PyTorch's default Linear), "zeros" (DiTDH's adaLN and final layers), "xavier" (1x1
+    patch convs, bias 0), "normal" (N(0, 0.02^2), bias torch), "lecun" (flax's
+    lecun_normal, bias 0: the ViTs, whose weights are always loaded) or "fan_in_normal"
+    (N(0, 1/in), bias 0: the Inception fc). `keys` yields the PRNG keys.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
-                 rngs: nnx.Rngs, init: str = "torch", dtype=jnp.float32):
-        kshape, bshape = (in_features, out_features), (out_features,)
-        if init == "zeros":
-            kernel, bias = jnp.zeros(kshape), jnp.zeros(bshape)
-        elif init == "xavier":
-            bound = math.sqrt(6.0 / (in_features + out_features))
-            kernel = jax.random.uniform(rngs.params(), kshape, jnp.float32, -bound, bound)
-            bias = jnp.zeros(bshape)
-        elif init in ("torch", "normal"):
-            kernel = (0.02 * jax.random.normal(rngs.params(), kshape) if init == "normal"
-                      else torch_linear_init(rngs.params(), in_features, kshape))
-            bias = torch_linear_init(rngs.params(), in_features, bshape)
-        else:
-            raise ValueError(f"unknown init {init!r}")
+    def __init__(self, in_features: int, out_features: int, *,
+                 axes: tuple[str | None, str | None] | None, keys: KeyFn, init: str = "torch",
+                 dtype=jnp.float32):
+        kernel, bias = _linear_init(init, keys, in_features, out_features)
         self.kernel = param(kernel, axes)
-        self.bias = param(bias, axes[1:])
+        self.bias = param(bias, None if axes is None else axes[1:])
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        return x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+    def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
+        """`out_dtype` (default `dtype`) keeps the float32 accumulator where the caller
+        needs it unrounded (DiTDH's velocity output)."""
+        accumulate = jnp.promote_types(self.dtype, jnp.float32)
+        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                       preferred_element_type=accumulate)
+        return (y + self.bias[...].astype(accumulate)).astype(out_dtype or self.dtype)
 
 
 class RMSNorm(nnx.Module):
-    """x / sqrt(mean(x^2) + eps), computed in float32 and cast back, then times the weight."""
+    """x / sqrt(mean(x^2) + eps), computed in float32 and cast back to x's dtype, then times
+    the float32 weight in x's dtype (upstream's `out.type_as(x) * weight`: float32 for a
+    float32 stream)."""
 
     def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = "embed"):
         self.scale = param(jnp.ones((dim,)), (axis_name,))
@@ -93,12 +150,14 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, dim: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
         hidden = swiglu_hidden(dim, mlp_ratio)
-        self.w12 = Linear(dim, 2 * hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.w3 = Linear(hidden, dim, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
+        self.w12 = Linear(dim, 2 * hidden, axes=("embed", "mlp"), keys=rngs.params, dtype=dtype)
+        self.w3 = Linear(hidden, dim, axes=("mlp", "embed"), keys=rngs.params, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """The gate SiLU(a) * b runs in x's (the stream's) dtype and is rounded once, as
+        w3's operand."""
         a, b = jnp.split(self.w12(x), 2, axis=-1)
-        return self.w3(jax.nn.silu(a) * b)
+        return self.w3(jax.nn.silu(a.astype(x.dtype)) * b.astype(x.dtype))
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -112,54 +171,84 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with fused qkv (rows [q; k; v], head-major) and RoPE on q, k.
+    """Multi-head self-attention: softmax(q k^T / sqrt(hd)) v, then an output projection.
 
-    `implementation` is passed to `jax.nn.dot_product_attention` (None, "xla" or "cudnn").
+    Two parameter layouts, those of the upstream checkpoints, so the variable paths are
+    the converted names: `fused_qkv=True` is DiTDH's one `qkv` projection (rows [q; k; v],
+    head-major) and `proj`; False is the Hugging Face ViTs' `query`, `key`, `value` and
+    `out` (the RAE encoder and decoder). `rope` = (cos, sin) tables, when given, rotate q
+    and k (DiTDH's 2-D RoPE) in the dtype of the input stream x (float32 under autocast:
+    upstream multiplies the bfloat16 q, k by float32 tables). q, k, v then enter
+    `jax.nn.dot_product_attention` in `dtype` (float32 logits and softmax, bfloat16
+    probabilities and output, as torch's bfloat16 SDPA); `implementation` is passed to it
+    (None, "xla" or "cudnn").
     """
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 implementation: str | None = None):
+    def __init__(self, dim: int, num_heads: int, *, keys: KeyFn, fused_qkv: bool,
+                 init: str = "torch", dtype=jnp.float32, implementation: str | None = None):
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.qkv = Linear(dim, 3 * dim, axes=("embed", "qkv"), rngs=rngs, dtype=dtype)
-        self.proj = Linear(dim, dim, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
+        self.fused_qkv = fused_qkv
         self.implementation = implementation
+        kw = dict(keys=keys, init=init, dtype=dtype)
+        if fused_qkv:
+            self.qkv = Linear(dim, 3 * dim, axes=("embed", "qkv"), **kw)
+            self.proj = Linear(dim, dim, axes=("heads", "embed"), **kw)
+        else:
+            self.query = Linear(dim, dim, axes=("embed", "heads"), **kw)
+            self.key = Linear(dim, dim, axes=("embed", "heads"), **kw)
+            self.value = Linear(dim, dim, axes=("embed", "heads"), **kw)
+            self.out = Linear(dim, dim, axes=("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v as (B, N, H, hd)."""
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads = (self.num_heads, d // self.num_heads)
+        if self.fused_qkv:
+            qkv = self.qkv(x).reshape(b, n, 3, *heads)
+            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return tuple(p(x).reshape(b, n, *heads) for p in (self.query, self.key, self.value))
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None
+                 ) -> jax.Array:
+        b, n, d = x.shape
+        q, k, v = self._qkv(x)
+        if rope is not None:
+            q, k = (apply_rope(a.astype(x.dtype), *rope).astype(v.dtype) for a in (q, k))
         o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-        return self.proj(o.reshape(b, n, d))
+        return (self.proj if self.fused_qkv else self.out)(o.reshape(b, n, d))
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """adaLN modulation x (1 + scale) + shift; shift/scale (B, 1, D) or (B, N, D)."""
-    return x * (1 + scale) + shift
+    """adaLN modulation x (1 + scale) + shift in x's dtype; shift/scale (B, 1, D) or
+    (B, N, D), typically `Linear` outputs (bfloat16 under autocast), widened first so that
+    1 + scale is not rounded to bfloat16."""
+    return x * (1 + scale.astype(x.dtype)) + shift.astype(x.dtype)
 
 
 class TimestepEmbedder(nnx.Module):
     """Gaussian-Fourier features of the raw (shifted) t with the checkpoint's frozen W,
-    then Linear -> SiLU -> Linear. arg = ((t W) 2) pi in float32, features [sin | cos]."""
+    then Linear -> SiLU -> Linear. arg = ((t W) 2) pi in float32, features [sin | cos]; the
+    SiLU runs on the float32 accumulator and the result is a `dtype` Linear output."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, num_freqs: int = 256, dtype=jnp.float32):
         self.W = Frozen(jax.random.normal(rngs.params(), (num_freqs,), jnp.float32))
-        self.mlp0 = Linear(2 * num_freqs, dim, axes=("features", "embed"), rngs=rngs,
+        self.mlp0 = Linear(2 * num_freqs, dim, axes=("features", "embed"), keys=rngs.params,
                            init="normal", dtype=dtype)
-        self.mlp2 = Linear(dim, dim, axes=("mlp", "embed"), rngs=rngs, init="normal",
+        self.mlp2 = Linear(dim, dim, axes=("mlp", "embed"), keys=rngs.params, init="normal",
                            dtype=dtype)
 
     def __call__(self, t: jax.Array) -> jax.Array:
         arg = ((t.astype(jnp.float32)[:, None] * self.W[...][None, :]) * 2) * jnp.float32(math.pi)
         feats = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
-        return self.mlp2(jax.nn.silu(self.mlp0(feats)))
+        return self.mlp2(jax.nn.silu(self.mlp0(feats, out_dtype=feats.dtype)))
 
 
 class LabelEmbedder(nnx.Module):
     """Embedding table of `num_rows` labels (num_classes + 1 with a null row); no dropout
-    here, labels are dropped outside the model (`flow.drop_labels`)."""
+    here, labels are dropped outside the model (`flow.drop_labels`). Rows come out float32
+    (a gather, not a matmul: autocast leaves it float32); the caller casts to its stream."""
 
     def __init__(self, num_rows: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.embedding_table = param(0.02 * jax.random.normal(rngs.params(), (num_rows, dim)),
@@ -167,4 +256,5 @@ class LabelEmbedder(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, y: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding_table[...], y, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding_table[...], y, axis=0).astype(
+            jnp.promote_types(self.dtype, jnp.float32))

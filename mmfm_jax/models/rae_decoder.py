@@ -4,7 +4,8 @@ Encoder tokens -> Linear -> [trainable CLS; tokens] + fixed sin-cos table (loade
 the checkpoint) -> pre-LN blocks (LN eps 1e-12, exact GELU, no LayerScale) -> LN ->
 per-token pixel patch; the CLS position is dropped and patches are laid out (p, q, c)
 with the channel fastest. The output is still ImageNet-normalised; `mmfm_jax.rae`
-undoes that.
+undoes that. Precision as the encoder's (`dinov2.py`): bfloat16 operands, float32 stream;
+the pixel prediction is the float32 accumulator, not rounded to bfloat16.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfm_jax.models.dinov2 import Buffer, KeySeq, LayerNorm, Linear, TransformerBlock, param
+from mmfm_jax.models.dinov2 import LayerNorm, TransformerBlock
+from mmfm_jax.models.layers import Buffer, KeySeq, Linear, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,8 @@ class RAEDecoder(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, keys: KeySeq, dtype=jnp.float32):
         d, p = cfg.hidden_size, cfg.patch_size
         self.cfg = cfg
-        self.embed = Linear(cfg.in_dim, d, ("channels", "embed"), keys=keys, dtype=dtype)
+        self.embed = Linear(cfg.in_dim, d, axes=("channels", "embed"), keys=keys, init="lecun",
+                            dtype=dtype)
         self.cls_token = param(0.02 * jax.random.normal(keys(), (d,)), ("embed",))
         self.pos_embed = Buffer(jnp.zeros((1 + cfg.num_patches, d)))
         self.layers = nnx.List([
@@ -53,8 +56,8 @@ class RAEDecoder(nnx.Module):
                              layer_scale=False, keys=keys, dtype=dtype)
             for _ in range(cfg.num_layers)])
         self.norm = LayerNorm(d, cfg.layer_norm_eps)
-        self.pred = Linear(d, p * p * cfg.num_channels, ("embed", "channels"), keys=keys,
-                           dtype=dtype)
+        self.pred = Linear(d, p * p * cfg.num_channels, axes=("embed", "channels"), keys=keys,
+                           init="lecun", dtype=dtype)
 
     def __call__(self, latents: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -67,7 +70,7 @@ class RAEDecoder(nnx.Module):
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
         for layer in self.layers:
             x = layer(x)
-        x = self.pred(self.norm(x)).astype(jnp.float32)[:, 1:]
+        x = self.pred(self.norm(x), out_dtype=jnp.float32)[:, 1:]
         p, ch = cfg.patch_size, cfg.num_channels
         x = x.reshape(b, h, w, p, p, ch).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h * p, w * p, ch)

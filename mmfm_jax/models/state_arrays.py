@@ -1,7 +1,8 @@
-"""Named flat arrays <-> NNX state, shared by the DiTDH and RAE loaders.
+"""Named flat arrays <-> NNX state, shared by every network's loader.
 
-A converted directory stores every variable under its "path/to/variable" name; loading fills
-an abstract (shape-only) model with those arrays, placed on the mesh by their logical axes.
+A model directory (`model_dir`) stores every variable under its "path/to/variable" name;
+loading fills an abstract (shape-only) model with those arrays, strictly (`strict_keys`),
+placed on the mesh by their logical axes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mmfm_jax import parallel
+from mmfm_jax.models.strict_keys import check_keys
 
 
 def variable_path(path) -> str:
@@ -35,7 +37,7 @@ def variable_sharding(var: nnx.Variable, mesh) -> jax.sharding.NamedSharding:
     return parallel.logical_sharding(mesh, axes, shape=tuple(var.shape))
 
 
-def merge_from_arrays(graphdef, state, arrays: Mapping[str, np.ndarray], mesh=None):
+def _merge_from_arrays(graphdef, state, arrays: Mapping[str, np.ndarray], mesh=None):
     """The module `graphdef` with every variable of the abstract `state` replaced by
     `arrays[path]` as float32 (on `mesh` by its logical axes when given). The caller has
     checked that names and shapes match."""
@@ -48,3 +50,13 @@ def merge_from_arrays(graphdef, state, arrays: Mapping[str, np.ndarray], mesh=No
     state = jax.tree_util.tree_map_with_path(fill, state,
                                              is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, state)
+
+
+def module_from_arrays(abstract: nnx.Module, arrays: Mapping[str, np.ndarray], *, source: str,
+                       mesh=None):
+    """`abstract` (a shape-only module) with every variable taken from `arrays`, strictly:
+    missing, unexpected or mis-shaped entries raise one ValueError naming `source`."""
+    graphdef, state = nnx.split(abstract)
+    expected = {name: tuple(var.shape) for name, var in flat_variables(state).items()}
+    check_keys(expected, arrays, source)
+    return _merge_from_arrays(graphdef, state, arrays, mesh)

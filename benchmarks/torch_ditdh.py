@@ -2,9 +2,10 @@
 
 The side-by-side reference for benchmarks (`python -m mmfm_jax.bench train --vs-torch`) and a
 second witness of the fixtures (tests/test_ditdh.py proves it equal to fixtures/ditdh).
-Kept out of mmfm_jax/ because it imports torch. Build it from RAE's `stage_2.params`; load
-an upstream state dict (or `mmfm_jax.models.export_torch_state_dict(model)`) with
-`load_state_dict(..., strict=True)`.
+Kept out of mmfm_jax/ because it imports torch and is a reference, not part of the library:
+`mmfm_jax.bench_torch` loads this file by path from a repository checkout. Build it from
+RAE's `stage_2.params`; load an upstream state dict (or
+`mmfm_jax.models.export_torch_state_dict(model)`) with `load_state_dict(..., strict=True)`.
 """
 
 from __future__ import annotations
