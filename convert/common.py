@@ -28,12 +28,23 @@ def load_torch(path: str) -> object:
     if not os.path.exists(path):
         raise ConversionError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(torch, path)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"{path}: refused to unpickle (weights_only=True): {first}") from e
     except Exception as e:  # corrupted zip, truncated file, ...
         raise ConversionError(f"{path}: cannot be read as a PyTorch file: {e}") from e
+
+
+def _torch_load(torch, path: str):
+    """Memory-mapped where the file allows it (zip format), so a 13 GB training dict is
+    not read whole into every converter process; legacy (non-zip) files load normally."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zipfile" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def to_numpy_state(state: Mapping, path: str = "") -> dict[str, np.ndarray]:
