@@ -5,7 +5,9 @@ Reads an MM-FM or RAE training dict ({model, ema, ...}) or a raw state dict (RAE
 present; a dict with `model` but no `ema` is refused unless `--weights model` (the upstream
 loader rule). The architecture comes from `--params` (the `stage_2.params` mapping as JSON or
 YAML, or a whole upstream config YAML) or, without it, is inferred from the tensor shapes.
-Every key must be consumed with the expected shape; the output is written atomically.
+Every key must be consumed with the expected shape; the output is written atomically,
+with the blocks unrolled (`blocks/{i}/...`, default) or stacked for `lax.scan`
+(`--scan-blocks`); either layout loads into either model.
 
 Conditioning (`use_y_conditioning`, which shapes cannot show: an unconditional model still
 carries its unused label table) comes from, in this order: `--conditional/--unconditional`,

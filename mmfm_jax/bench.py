@@ -1,18 +1,24 @@
-"""Benchmarks: DiTDH train step and sampling (MFU), GMM EM, Inception; optional references.
+"""Benchmarks: DiTDH train step and sampling (MFU), GMM EM, Inception; compile and memory plan.
 
-`python -m mmfm_jax.bench {train,sample,gmm,inception} [options] [--json FILE]` prints a
-table and writes JSON with the device, the software versions, the settings and the
-measured figures. `train` times the production step (`train.Trainer`'s jitted, donated
-step, on cached latents with the Gaussian source) and `sample` the production sampler
-(`sample_job.Sampler`: the 50-point Euler loop in one program, plain and with
+`python -m mmfm_jax.bench {train,sample,gmm,inception,compile,plan} [options] [--json FILE]`
+prints a table and writes JSON with the device, the software versions, the settings and
+the measured figures. `train` times the production step (`train.Trainer`'s jitted,
+donated step, on cached latents with the Gaussian source) and `sample` the production
+sampler (`sample_job.Sampler`: the 50-point Euler loop in one program, plain and with
 autoguidance). TFLOP/s use the model's analytic count (`DiTDHConfig.flops_per_sample`, a
 train step = 3 forwards), checked against XLA's cost analysis; MFU divides by the dense
 bf16 peak of the device kind (`metrics.peak_tflops`, null on CPU). `--vs-torch` times the
 plain PyTorch DiTDH of benchmarks/torch_ditdh.py (run as upstream runs it, by
-`mmfm_jax.bench_torch`) in the same process first and adds `ratio_vs_reference` =
-reference time / ours; `gmm --vs-sklearn` does the same against scikit-learn. `inception`
-times the FID job's `evaluate.InceptionNet`; `report` renders JSON files as the README's
-table.
+`mmfm_jax.bench_torch`) in the same process first, on as many threads as XLA:CPU uses
+(both counts recorded), and adds `ratio_vs_reference` = reference time / ours;
+`gmm --vs-sklearn` does the same against scikit-learn. `inception` times the FID job's
+`evaluate.InceptionNet`; `report` renders JSON files as the README's table.
+
+`compile` lowers and compiles the production train step and sampler from abstract,
+sharded state on fake CPU devices (`bench_compile`: nothing is allocated) and prints
+compile seconds and XLA's memory analysis per device; `plan` picks the fastest (fsdp,
+remat, grad_accum) that fits an accelerator from a memory model fitted to such compiles
+(`memory_plan`; CPU-compiled memory is an estimate for accelerators).
 """
 
 from __future__ import annotations
@@ -463,17 +469,26 @@ def memory_model(args, cfg) -> memory_plan.MemoryModel:
 
 
 def _plan_target(model, mcfg, args, cfg, name: str, devices: int, memory_gib: float) -> dict:
+    """The plan of one target, and the best setting without remat beside it."""
     fsdps = args.fsdp_choices or memory_plan.divisors(devices)
     state, params = memory_plan.state_tables(mcfg, devices, fsdps, cfg.mesh.get("rules"))
+    model = model.with_tables(state, params)
     row = {"target": name, "devices": devices, "device_memory_gib": memory_gib}
-    try:
-        best = memory_plan.plan(model.with_tables(state, params), global_batch=args.global_batch,
-                                devices=devices, device_memory_bytes=memory_gib * memory_plan.GIB,
-                                margin=args.margin, fsdps=fsdps, remats=args.remat_choices)
-    except memory_plan.PlanError as e:
-        return {**row, "fits": False, "error": str(e)}
-    return {**row, "fits": True, **dataclasses.asdict(best),
-            "predicted_gib": best.predicted_bytes / memory_plan.GIB}
+
+    def best(remats):
+        try:
+            chosen = memory_plan.plan(model, global_batch=args.global_batch, devices=devices,
+                                      device_memory_bytes=memory_gib * memory_plan.GIB,
+                                      margin=args.margin, fsdps=fsdps, remats=remats)
+        except memory_plan.PlanError as e:
+            return {"fits": False, "error": str(e)}
+        return {"fits": True, **dataclasses.asdict(chosen),
+                "predicted_gib": chosen.predicted_bytes / memory_plan.GIB}
+
+    row.update(best(args.remat_choices))
+    if row["fits"] and row["remat"] != "none" and "none" in model.per_sample:
+        row["without_remat"] = best(["none"])
+    return row
 
 
 def plan_config(args):
@@ -616,20 +631,28 @@ def format_compile(result: dict) -> str:
 
 
 def format_plan(result: dict) -> str:
-    """plan: the chosen setting per target, or why nothing fits."""
+    """plan: the chosen setting per target (and the best one without remat), or why
+    nothing fits."""
     st = result["settings"]
     lines = [f"memory plan: DiTDH-{st['size']} {st['dtype']}, global batch "
              f"{st['global_batch']}, fill <= {st['margin']:.0%} of device memory; memory "
              "model fitted to XLA:CPU compiles (an estimate for accelerators). Order: fewest "
              "grad_accum, then cheapest remat, then smallest fsdp."]
+
+    def describe(r: dict) -> str:
+        return (f"fsdp={r['fsdp']} data={r['data']} remat={r['remat']} grad_accum="
+                f"{r['grad_accum']} (micro-batch {r['micro_batch']}/device) "
+                f"{r['predicted_gib']:.1f} GiB")
+
     for row in result["rows"]:
-        if row["fits"]:
-            lines.append(f"{row['target']}: fsdp={row['fsdp']} data={row['data']} remat="
-                         f"{row['remat']} grad_accum={row['grad_accum']} micro-batch "
-                         f"{row['micro_batch']}/device: {row['predicted_gib']:.1f} GiB of "
-                         f"{row['device_memory_gib']:g}")
-        else:
+        if not row["fits"]:
             lines.append(f"{row['target']}: {row['error']}")
+            continue
+        line = f"{row['target']}: {describe(row)} of {row['device_memory_gib']:g}"
+        alt = row.get("without_remat")
+        if alt:
+            line += "; without remat: " + (describe(alt) if alt["fits"] else "none fits")
+        lines.append(line)
     return "\n".join(lines)
 
 

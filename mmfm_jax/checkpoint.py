@@ -3,9 +3,17 @@
 * `Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` under
   `<workdir>/checkpoints`: item "state" (any pytree of arrays: params, EMA, optimizer,
   step, RNG) and, when given, item "data" (the grain iterator, through grain's own orbax
-  handler, one JSON per process). Saves are asynchronous; orbax writes into a temporary
-  directory and renames it on commit, so a killed run never leaves a half checkpoint that
-  `latest_step` would pick. Retention: the last `keep` plus every `keep_period`-th step.
+  handler, one JSON per process) and item "data_position" (the stream's process-independent
+  position, `data/position.py`, one JSON). Saves are asynchronous; orbax writes into a
+  temporary directory and renames it on commit, so a killed run never leaves a half
+  checkpoint that `latest_step` would pick. Retention: the last `keep` plus every
+  `keep_period`-th step.
+* Elastic resume: the state is restored onto the shardings of the target (the new mesh's
+  abstract state), so a checkpoint of 2 processes x 4 devices resumes on 1 x 8 or 1 x 4.
+  The data iterator takes its own process's grain state when the checkpoint has one for
+  this process and worker count (exact, as before; older checkpoints have only these),
+  else it is rebuilt from "data_position". What cannot resume (an older checkpoint on
+  another topology, a changed global batch or seed) raises `ResumeError`, one line.
 * `PreemptionGuard` turns SIGTERM into a flag the train loop polls, so a preempted run
   saves its current step and exits instead of dying mid-step.
 * `check_finite` is the NaN guard: it names the first step whose loss, gradient norm or
@@ -31,11 +39,17 @@ import orbax.checkpoint as ocp
 
 from mmfm_jax import files, parallel
 from mmfm_jax.config import ConfigError
+from mmfm_jax.data.position import DataPositionError
 from mmfm_jax.model_parts import abstract_model_state, model_config
 from mmfm_jax.models import DiTDH, export_torch_state_dict
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+POSITION_ITEM = "data_position"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot resume on this run's topology or settings (one line)."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -71,7 +85,8 @@ class Checkpointer:
                  use_async: bool = True):
         # orbax handles gs:// itself; only local paths are made absolute
         self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
-        handlers = {STATE_ITEM: ocp.StandardCheckpointHandler()}
+        handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+                    POSITION_ITEM: ocp.JsonCheckpointHandler()}
         try:  # grain registers its orbax handler and args on import
             import grain.checkpoint as grain_ckpt
             handlers[DATA_ITEM] = grain_ckpt.CheckpointHandler()
@@ -100,6 +115,8 @@ class Checkpointer:
         items = {STATE_ITEM: ocp.args.StandardSave(state)}
         if data_iterator is not None and self._grain is not None:
             items[DATA_ITEM] = self._grain.CheckpointSave(data_iterator)
+        if hasattr(data_iterator, "position"):
+            items[POSITION_ITEM] = ocp.args.JsonSave(data_iterator.position())
         saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
@@ -107,17 +124,68 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """The state at `step`, placed as `abstract_state` says (ShapeDtypeStructs with
-        shardings); `data_iterator` is moved to its saved position in place."""
-        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        shardings: those of this run's mesh, whatever topology wrote it); `data_iterator`
+        is moved to its saved position in place (module doc: elastic resume)."""
         if data_iterator is not None and self._grain is not None:
-            if not os.path.isdir(os.path.join(self.directory, str(step), DATA_ITEM)):
-                raise FileNotFoundError(
-                    f"checkpoint {self.directory}/{step} has no data-iterator state; it "
-                    "cannot resume the data order exactly")
-            items[DATA_ITEM] = self._grain.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+            self._restore_data(int(step), data_iterator)
+        restored = self.manager.restore(
+            int(step), args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(
+                abstract_state)}))
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
         return restored[STATE_ITEM]
+
+    def _step_path(self, step: int, *parts: str):
+        from etils import epath
+        return epath.Path(self.directory).joinpath(str(step), *parts)
+
+    def _saved_position(self, step: int) -> dict | None:
+        if not self._step_path(step, POSITION_ITEM).exists():
+            return None  # written before data positions existed
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            **{POSITION_ITEM: ocp.args.JsonRestore()}))
+        return dict(restored[POSITION_ITEM])
+
+    def _restore_data(self, step: int, iterator) -> None:
+        """This process's exact grain state when the checkpoint has one for this topology,
+        else the stream rebuilt from the process-independent position; ResumeError when
+        neither can continue the saved stream."""
+        where = f"{self.directory}/{step}"
+        if not self._step_path(step, DATA_ITEM).exists():
+            raise ResumeError(f"checkpoint {where} has no data-iterator state; it cannot "
+                              "resume the data order exactly")
+        own_name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        own = self._step_path(step, DATA_ITEM, own_name)
+        try:
+            position = self._saved_position(step)
+            if position is not None and hasattr(iterator, "seek"):
+                iterator.check(position)
+            raw = own.read_text() if own.exists() else None
+            if raw is not None and (not hasattr(iterator, "accepts_state")
+                                    or iterator.accepts_state(raw)):
+                if hasattr(iterator, "restore_state"):
+                    iterator.restore_state(raw, position["batches"] if position else step)
+                else:
+                    iterator.set_state(raw.encode())
+                return
+            if position is None or not hasattr(iterator, "seek"):
+                raise ResumeError(self._no_position_message(where, step, own_name))
+            logging.info("checkpoint: rebuilding the data stream of process %d of %d at "
+                         "global batch %d (written by %s)", jax.process_index(),
+                         jax.process_count(), position["batches"], self._writers(step))
+            iterator.seek(position)
+        except DataPositionError as e:
+            raise ResumeError(f"cannot resume checkpoint {where}: {e}") from None
+
+    def _writers(self, step: int) -> str:
+        names = sorted(p.name for p in self._step_path(step, DATA_ITEM).glob("process_*.json"))
+        counts = {n.rsplit("-of-", 1)[-1].removesuffix(".json") for n in names}
+        return f"{'/'.join(sorted(counts))} process(es)" if counts else "no process"
+
+    def _no_position_message(self, where: str, step: int, own_name: str) -> str:
+        return (f"cannot resume checkpoint {where} here: it predates {POSITION_ITEM} (its "
+                f"data state is per process, written by {self._writers(step)}) and has no "
+                f"{own_name} of this run's data workers, sampler and source; resume it on "
+                "the process count and config.data.num_workers that wrote it")
 
     def restore_subset(self, step: int, abstract_subset: dict) -> dict:
         """Only the top-level entries of the saved state named in `abstract_subset` (e.g.

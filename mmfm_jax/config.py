@@ -7,7 +7,7 @@ import ml_collections
 from mmfm_jax import parallel
 from mmfm_jax.files import write_json
 
-STAGES = ("all", "fit_gmm", "train", "sample", "eval")
+STAGES = ("all", "fit_gmm", "train", "sample", "eval", "sweep")
 
 
 class ConfigError(ValueError):
@@ -46,9 +46,7 @@ def validate(cfg: ml_collections.ConfigDict, stage: str, num_devices: int) -> No
         if batch <= 0 or batch % num_devices:
             raise ConfigError(f"config.{key}={batch} is not divisible by the {num_devices} "
                               f"devices; set --config.{key} to a multiple of {num_devices}")
-    if cfg.train.grad_accum < 1 or (cfg.train.batch_size // num_devices) % cfg.train.grad_accum:
-        raise ConfigError(f"config.train.grad_accum={cfg.train.grad_accum} must divide the "
-                          f"per-device batch {cfg.train.batch_size // num_devices}")
+    _check_grad_accum(cfg, num_devices)
     for axis in parallel.MESH_AXES:
         size = cfg.mesh.get(axis, 1)
         if size != -1 and (size <= 0 or num_devices % size):
@@ -76,6 +74,21 @@ def validate(cfg: ml_collections.ConfigDict, stage: str, num_devices: int) -> No
                       "--config.eval.inception_path=DIR")
         _require_path(cfg, "eval.ref_path", "the ADM reference batch",
                       "pass --config.eval.ref_path=VIRTUAL_imagenet256_labeled.npz")
+
+
+def _check_grad_accum(cfg, num_devices: int) -> None:
+    """grad_accum >= 1 dividing the per-device batch, or -1 (chosen by the memory plan when
+    the trainer starts: auto_accum.py), whose memory model file must then exist if set."""
+    accum, per_device = cfg.train.grad_accum, cfg.train.batch_size // num_devices
+    if accum == -1:
+        path = cfg.train.get("memory_model", "")
+        if path and "://" not in str(path) and not os.path.exists(path):
+            raise ConfigError(f"config.train.memory_model={path!r} does not exist: the JSON "
+                              "`python -m mmfm_jax.bench plan --fit --model-json PATH` writes")
+        return
+    if accum < 1 or per_device % accum:
+        raise ConfigError(f"config.train.grad_accum={accum} must divide the per-device batch "
+                          f"{per_device} (or be -1: chosen by the memory plan)")
 
 
 def _check_rules(rules) -> None:

@@ -49,6 +49,8 @@ def get_base_config(source: str, mode_conditional: bool, preset: str | None):
     c.source = source  # "gmm" (MM-FM) or "gaussian" (baseline)
     c.mode_conditional = mode_conditional  # mode index through the label table
 
+    # persistent XLA compilation cache ("{workdir}": the run's workdir; "" disables it)
+    c.compile_cache = "{workdir}/compile_cache"
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
     c.mesh.rules = parallel.LOGICAL_AXIS_RULES  # (logical axis, mesh axes or None) pairs
 
@@ -109,12 +111,18 @@ def get_base_config(source: str, mode_conditional: bool, preset: str | None):
     c.train.time_sigma = 1.0
     c.train.time_shift = -1.0  # -1: sqrt(H*W*C/4096)
     c.train.label_dropout = 0.1
-    c.train.grad_accum = 1
+    c.train.grad_accum = 1  # -1: the fewest micro-batches that fit (memory_plan.py)
+    c.train.memory_model = ""  # grad_accum=-1: the JSON `bench plan --fit` writes
+    c.train.device_memory_gib = -1.0  # grad_accum=-1: per device; -1: the device's limit
     c.train.log_every = 100
     c.train.ckpt_every = 5000
     c.train.ckpt_keep = 3  # most recent checkpoints kept
     c.train.ckpt_keep_period = 25_000  # and every M-th step forever
     c.train.sample_every = 5000  # PNG grid from the EMA model
+    # FID-N of the EMA model every fid_every steps (0: off), through the eval job's code path
+    # (needs eval.inception_path and eval.ref_path); logged as fid / fid_samples
+    c.train.fid_every = 0
+    c.train.fid_samples = 5000
     c.train.peak_tflops = -1.0  # per device for MFU; -1: look up the device kind
 
     # ---- sampling -----------------------------------------------------------------------
@@ -137,6 +145,12 @@ def get_base_config(source: str, mode_conditional: bool, preset: str | None):
     c.eval.inception_path = ""  # `python -m convert inception` output
     c.eval.ref_path = ""  # ADM reference batch (VIRTUAL_imagenet256_labeled.npz)
     c.eval.batch_size = 200
+
+    # ---- guidance sweep (--stage=sweep) ----------------------------------------------------
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.scales = "1.0,1.25,1.5,1.75"  # values of sample.guidance_scale, comma-separated
+    c.sweep.intervals = ""  # "lo:hi,lo:hi" values of sample.guidance_interval; empty: as set
+    c.sweep.num_samples = 10_000  # FID-N per point
 
     if preset == "demo":
         _demo(c)
@@ -177,6 +191,7 @@ def _demo(c):
     c.sample.num_samples = 512
     c.sample.batch_size = 512
     c.sample.compute_dtype = "float32"
+    c.sweep.num_samples = 512
 
 
 def _fit_conditioning(c):

@@ -1,10 +1,18 @@
 """The main job: `python -m mmfm_jax.main --config=configs/mode_gmm.py[:PRESET] --workdir=DIR`.
 
-Flags, config, mesh, sharding rules and stage dispatch; nothing else. Stages: fit_gmm
-(`gmm/job.py`: encode the data, fit the CLS and spatial mixtures), train (`train_job.py`:
-the trainer with the sample-grid evaluator), sample (`sample_job.py`), eval; `all` runs
-them in order (the demo preset runs its own end-to-end report). Every stage runs inside
-`parallel.axis_rules(config.mesh.rules)`. Rerunning with the same workdir resumes.
+Flags, config, mesh, sharding rules, logging and stage dispatch; nothing else. Stages:
+fit_gmm (`gmm/job.py`: encode the data, fit the CLS and spatial mixtures), train
+(`train_job.py`: the trainer with the sample-grid and FID evaluators), sample
+(`sample_job.py`), eval, sweep (`sweep.py`: FID over guidance scales and intervals); `all`
+runs fit_gmm, train, sample and eval in order (the demo preset runs its own end-to-end
+report). Every stage runs inside `parallel.axis_rules(config.mesh.rules)`. Rerunning with
+the same workdir resumes.
+
+The console shows the stage, progress bars, results and warnings; everything else
+(orbax, absl, jax and grain INFO, per-iteration detail) goes to `<workdir>/log.txt`
+(`logs.py`), or to the console too with `--verbosity=1`. A missing or invalid input (a
+config key, a file the stage needs) ends the run with one `error: ...` line and exit
+code 2; its traceback is kept in the log file.
 """
 
 from __future__ import annotations
@@ -13,11 +21,14 @@ import importlib
 import logging
 import os
 import sys
+import threading
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from mmfm_jax import config as config_lib
+from mmfm_jax import logs
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,6 +52,7 @@ STAGE_FUNCTIONS = {
     "train": ("mmfm_jax.train_job", "train_stage"),
     "sample": ("mmfm_jax.sample_job", "sample_stage"),
     "eval": ("mmfm_jax.evaluate", "eval_stage"),
+    "sweep": ("mmfm_jax.sweep", "sweep_stage"),
     "demo": ("mmfm_jax.demo", "run_demo"),
 }
 
@@ -65,16 +77,22 @@ def run(argv) -> None:
     from mmfm_jax import parallel
 
     cfg = _CONFIG.value
+    workdir = _WORKDIR.value or _default_workdir(cfg)
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    log_file = logs.attach_file(logs.log_path(workdir, jax.process_index()))
     parallel.log_topology()
+    from mmfm_jax import compile_cache  # before any compile: every stage shares it
+    compile_cache.setup(cfg, workdir)
     stage = _STAGE.value
     config_lib.validate(cfg, stage, jax.device_count())
-    workdir = _WORKDIR.value or _default_workdir(cfg)
+    if stage in ("eval", "sweep"):  # every preset: the demo's validation skips paths
+        from mmfm_jax.fid_scorer import require_eval_paths
+        require_eval_paths(cfg, f"--stage={stage}")
     mesh = parallel.make_mesh(cfg.mesh)
     if jax.process_index() == 0:
         config_lib.save(cfg, workdir)
-    logging.info("workdir %s, stage %s, preset %s, mesh %s", workdir, stage, cfg.preset,
-                 dict(mesh.shape))
+    logging.info("workdir %s, stage %s, preset %s, mesh %s (full log: %s)", workdir, stage,
+                 cfg.preset, dict(mesh.shape), log_file)
     jax.set_mesh(mesh)
     # With a global mesh set, NNX resolves the logical axis names of parameter metadata
     # ("embed", "mlp", ...) through the run's rules when it builds (or shape-evaluates) a
@@ -90,16 +108,47 @@ def run(argv) -> None:
             _stage_function(name)(cfg, workdir, mesh)
 
 
+def _is_input_error(error: BaseException) -> bool:
+    """Errors that are the user's input, reported in one line: ValueErrors of this
+    package's own types (configs, files, shapes), and a missing or unreadable file that
+    this package's code reports (raised in mmfm_jax/ or convert/). Anything else is a bug
+    and keeps its traceback."""
+    if isinstance(error, ValueError):
+        return type(error).__module__.startswith(("mmfm_jax", "convert"))
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                          PermissionError)):
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and os.path.abspath(
+            tb.tb_frame.f_code.co_filename).startswith(logs.PACKAGE_DIRS)
+    return False
+
+
+def _join_library_threads(timeout: float = 10.0) -> None:
+    """Let library threads (orbax's temporary-directory cleanup) end before the interpreter
+    shuts down, so that an error exit prints no second traceback from them."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+
+
 def main(argv) -> None:
+    logs.setup(verbose=FLAGS.verbosity >= 1)
     try:
         run(argv)
-    except ValueError as e:
-        # Input errors raised by mmfm_jax (configs, files, shapes) are one line for the
-        # user; anything else is a bug and keeps its traceback.
-        if not type(e).__module__.startswith(("mmfm_jax", "convert")):
+    except (ValueError, OSError) as e:
+        if not _is_input_error(e):
+            logging.error("the run failed", exc_info=True, extra=logs.FILE_ONLY)
             raise
-        print(f"error: {e}", file=sys.stderr)
+        logging.error("error: %s", e, exc_info=True, extra=logs.FILE_ONLY)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _join_library_threads()
         sys.exit(2)
+    except Exception:
+        logging.error("the run failed", exc_info=True, extra=logs.FILE_ONLY)
+        raise
 
 
 def _parse_flags(argv):

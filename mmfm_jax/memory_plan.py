@@ -7,6 +7,7 @@ train step, per device:
     bytes = fixed(fsdp, remat) + per_sample(remat) x micro_batch
     fixed = state(fsdp) + batch_bytes x per_device_batch + overhead(remat)
             + grad_coeff x params(fsdp)
+            + [grad_accum > 1] x (accum_overhead + accum_coeff x params(fsdp))
 
 * state(fsdp): params, EMA and the two Adam moments (4 x float32 per parameter) plus the
   frozen tables, exact, from the logical sharding the trainer applies (`state_bytes`:
@@ -14,11 +15,13 @@ train step, per device:
   leaves them). params(fsdp) is the per-device float32 parameter bytes alone.
 * batch_bytes: the input latents and CLS token of one sample (the whole per-device batch
   is an argument of the step even when it is accumulated in micro-batches).
-* overhead, grad_coeff, per_sample: fitted (`fit`) from XLA's compiled memory analysis of
-  ahead-of-time compiles (`bench compile`: nothing is allocated) at a few small per-device
-  batches and two fsdp sizes. grad_coeff counts the temporaries that shard like the
-  parameters (gradients, optimizer updates); overhead the ones that do not (all-gathered
-  weights, scalars); per_sample the activations kept for the backward pass.
+* overhead, grad_coeff, per_sample, accum_*: fitted (`fit`) from XLA's compiled memory
+  analysis of ahead-of-time compiles (`bench compile`: nothing is allocated) at a few
+  small per-device batches, two fsdp sizes, with and without accumulation. grad_coeff
+  counts the temporaries that shard like the parameters (gradients, optimizer updates);
+  overhead the ones that do not (all-gathered weights, scalars); per_sample the
+  activations kept for the backward pass; accum_* what the accumulation loop adds (its
+  gradient carry and loop buffers).
 
 CPU-COMPILED MEMORY IS AN ESTIMATE FOR ACCELERATORS: XLA:CPU fuses, lays out and schedules
 differently from XLA:GPU and XLA:TPU (no cuDNN/flash attention, no TPU memory-space
@@ -113,6 +116,8 @@ class MemoryModel:
     grad_coeff: float
     overhead: Mapping[str, float]
     per_sample: Mapping[str, float]
+    accum_overhead: float = 0.0
+    accum_coeff: float = 0.0
     source: str = "XLA:CPU ahead-of-time compiles (an estimate for accelerators)"
     validation: Sequence[Mapping] = ()
 
@@ -120,9 +125,11 @@ class MemoryModel:
     def remats(self) -> tuple[str, ...]:
         return tuple(sorted(self.per_sample, key=lambda r: (remat_rank(r), r)))
 
-    def fixed(self, fsdp: int, remat: str, per_device_batch: int) -> float:
+    def fixed(self, fsdp: int, remat: str, per_device_batch: int, grad_accum: int) -> float:
+        accum = (self.accum_overhead + self.accum_coeff * self.params[fsdp]
+                 if grad_accum > 1 else 0.0)
         return (self.state[fsdp] + self.batch_bytes * per_device_batch + self.overhead[remat]
-                + self.grad_coeff * self.params[fsdp])
+                + self.grad_coeff * self.params[fsdp] + accum)
 
     def predict(self, fsdp: int, remat: str, per_device_batch: int, grad_accum: int) -> int:
         if fsdp not in self.state:
@@ -132,7 +139,7 @@ class MemoryModel:
             raise PlanError(f"memory model: remat {remat!r} was not fitted "
                             f"(has {', '.join(self.remats)})")
         micro = per_device_batch // grad_accum
-        return int(round(self.fixed(fsdp, remat, per_device_batch)
+        return int(round(self.fixed(fsdp, remat, per_device_batch, grad_accum)
                          + self.per_sample[remat] * micro))
 
     def with_tables(self, state: Mapping[int, int], params: Mapping[int, int]) -> MemoryModel:
@@ -150,7 +157,8 @@ class MemoryModel:
     def from_dict(cls, d: Mapping) -> MemoryModel:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(d) - {"source", "validation"})
+        missing = sorted(known - set(d) - {"source", "validation", "accum_overhead",
+                                           "accum_coeff"})
         if missing:
             raise PlanError(f"memory model: missing keys {missing}")
         d = {k: v for k, v in d.items() if k in known}
@@ -229,28 +237,35 @@ def divisors(n: int) -> list[int]:
 def fit(measurements: Sequence[Measurement], *, batch_bytes: int, state: Mapping[int, int],
         params: Mapping[int, int], description: str, source: str | None = None,
         validation: Sequence[Measurement] = ()) -> MemoryModel:
-    """Least-squares fit of grad_coeff, overhead(remat) and per_sample(remat) to compiled
-    steps; needs, per remat, two micro-batch sizes, and two fsdp sizes overall.
-    `validation` steps are predicted, not fitted, and their errors kept in the model."""
+    """Least-squares fit of grad_coeff, overhead(remat), per_sample(remat) and, when some
+    measurements accumulate, accum_overhead and accum_coeff to compiled steps; needs, per
+    remat, two micro-batch sizes, two fsdp sizes overall, and accumulation at two fsdp
+    sizes if at all. `validation` steps are predicted, not fitted; their errors are kept."""
     remats = sorted({m.remat for m in measurements})
-    fsdps = {m.fsdp for m in measurements}
     for r in remats:
         if len({m.micro_batch for m in measurements if m.remat == r}) < 2:
             raise PlanError(f"memory fit: remat {r!r} needs two micro-batch sizes")
-    if len(fsdps) < 2:
+    if len({m.fsdp for m in measurements}) < 2:
         raise PlanError("memory fit: needs compiles at two fsdp sizes")
-    cols = 1 + 2 * len(remats)
-    a, b = np.zeros((len(measurements), cols)), np.zeros(len(measurements))
+    accum_fsdps = {m.fsdp for m in measurements if m.grad_accum > 1}
+    if len(accum_fsdps) == 1:
+        raise PlanError("memory fit: accumulation needs compiles at two fsdp sizes")
+    k = len(remats)
+    a, b = np.zeros((len(measurements), 3 + 2 * k)), np.zeros(len(measurements))
     for i, m in enumerate(measurements):
-        j = remats.index(m.remat)
-        a[i, 0], a[i, 1 + j], a[i, 1 + len(remats) + j] = m.param_bytes, 1.0, m.micro_batch
+        j, accum = remats.index(m.remat), float(m.grad_accum > 1)
+        a[i, :3] = m.param_bytes, accum, accum * m.param_bytes
+        a[i, 3 + j], a[i, 3 + k + j] = 1.0, m.micro_batch
         b[i] = m.total_bytes - m.state_bytes - batch_bytes * m.per_device_batch
+    if not accum_fsdps:
+        a[:, 1:3] = 0.0
     coef = np.linalg.lstsq(a, b, rcond=None)[0]
     model = MemoryModel(
         description=description, state=dict(state), params=dict(params),
         batch_bytes=int(batch_bytes), grad_coeff=float(coef[0]),
-        overhead={r: float(coef[1 + j]) for j, r in enumerate(remats)},
-        per_sample={r: float(coef[1 + len(remats) + j]) for j, r in enumerate(remats)},
+        accum_overhead=float(coef[1]), accum_coeff=float(coef[2]),
+        overhead={r: float(coef[3 + j]) for j, r in enumerate(remats)},
+        per_sample={r: float(coef[3 + k + j]) for j, r in enumerate(remats)},
         **({"source": source} if source else {}))
     checks = [_validate(model, m) for m in validation]
     return dataclasses.replace(model, validation=tuple(checks))
@@ -268,14 +283,19 @@ def fit_by_compiling(measure: MeasureFn, mcfg, *, remats: Sequence[str], descrip
                      source: str | None = None, log=None) -> MemoryModel:
     """Fit a MemoryModel from `measure(fsdp, remat, per_device_batch, grad_accum)` (compiled
     bytes per device of the train step on `devices` devices): every remat at two
-    micro-batches on fsdps[0], the first remat also on fsdps[1]; then two held-out checks
-    (the larger micro-batch on fsdps[1], and grad_accum=2) kept as `validation`."""
+    micro-batches on fsdps[0], the first remat also on fsdps[1], and grad_accum=2 on both;
+    then held-out checks kept as `validation` (the larger micro-batch on fsdps[1], four
+    accumulation steps, accumulation with the last remat)."""
     state, params = state_tables(mcfg, devices, fsdps, rules)
     f1, f2 = fsdps[0], fsdps[1]
     small, large = micro_batches[0], micro_batches[-1]
-    fit_points = [(f1, r, b, 1) for r in remats for b in micro_batches] + [(f2, remats[0],
-                                                                            small, 1)]
-    checks = [(f2, remats[0], large, 1), (f1, remats[0], 2 * large, 2)]
+    first, last = remats[0], remats[-1]
+    fit_points = ([(f1, r, b, 1) for r in remats for b in micro_batches]
+                  + [(f2, first, small, 1), (f1, first, 2 * large, 2),
+                     (f2, first, 2 * small, 2)])
+    checks = [(f2, first, large, 1), (f1, first, 2 * large, 4)]
+    if last != first:
+        checks.append((f1, last, 2 * large, 2))
 
     def measured(points):
         out = []

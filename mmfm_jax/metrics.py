@@ -2,7 +2,8 @@
 
 TensorBoard files are written with tensorboardX (protobuf only), so TensorFlow stays out
 of the base install; `clu.metrics` does the on-device aggregation in the train loop.
-Only process 0 writes.
+Only process 0 writes. The progress bar redraws one line on a terminal and prints sparse
+lines elsewhere; its dense record goes to the log file (`logs.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 
 import jax
 import numpy as np
+
+from mmfm_jax import logs
 
 # Dense bf16 peak TFLOP/s per device, for MFU (matched as substrings of device_kind).
 PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("v5p", 459.0),
@@ -98,22 +101,36 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """A progress line with rate and ETA for every long job (process 0 only).
+    """A progress bar with rate and ETA for every long loop (process 0 only).
 
-    `update(n)` advances by n units and prints at most every `min_interval` seconds;
-    the line goes to stderr and to the logging module.
+    On a terminal it is one line redrawn in place (`\r`, at most every `redraw` seconds).
+    Elsewhere (a log, a pipe, CI) it prints sparse lines: one when each `1/milestones` of
+    the way is passed, at least `min_interval` seconds after the previous line, and the
+    last one. The log file gets a line every `log_interval` seconds and the last one
+    (`logs.FILE_ONLY`), so the console stays short and the dense record is kept.
+    `update(n)` advances by n units; `finish()` prints the final state of a loop that
+    ended early (an EM that converged).
     """
 
     def __init__(self, total: int, desc: str, unit: str = "it", *, start: int = 0,
-                 min_interval: float = 5.0, stream=None):
+                 min_interval: float = 10.0, stream=None, milestones: int = 4,
+                 redraw: float = 0.25, log_interval: float = 5.0):
         self.total, self.desc, self.unit = int(total), desc, unit
         self.done = int(start)
         self.start_count = int(start)
         self.t0 = time.perf_counter()
-        self.last = 0.0
-        self.min_interval = min_interval
+        self.last = self.last_log = self.t0
+        self.min_interval, self.milestones = min_interval, max(int(milestones), 1)
+        self.redraw, self.log_interval = redraw, log_interval
+        self.milestone = self._milestone()
         self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.enabled = jax.process_index() == 0
+        self.finished = False
+        self._width = 0
+
+    def _milestone(self) -> int:
+        return self.done * self.milestones // self.total if self.total > 0 else 0
 
     def rate(self) -> float:
         elapsed = time.perf_counter() - self.t0
@@ -130,10 +147,41 @@ class Progress:
 
     def update(self, n: int = 1, extra: str = "", force: bool = False) -> None:
         self.done += n
+        if not self.enabled or self.finished:
+            return
         now = time.perf_counter()
-        if self.enabled and (force or self.done >= self.total
-                             or now - self.last >= self.min_interval):
-            self.last = now
-            text = self.line(extra)
+        last = self.done >= self.total
+        if last or force or now - self.last_log >= self.log_interval:
+            self.last_log = now
+            logging.info(self.line(extra), extra=logs.FILE_ONLY)
+        if self.tty:
+            if last or force or now - self.last >= self.redraw:
+                self._draw(self.line(extra), end=last)
+        else:
+            milestone = self._milestone()
+            if last or force or (milestone > self.milestone
+                                 and now - self.last >= self.min_interval):
+                self.milestone = milestone
+                print(self.line(extra), file=self.stream, flush=True)
+                self.last = now
+        self.finished = last
+
+    def finish(self, extra: str = "") -> None:
+        """Print (and log) the final line once, wherever the loop stopped."""
+        if not self.enabled or self.finished:
+            return
+        self.finished = True
+        text = self.line(extra)
+        logging.info(text, extra=logs.FILE_ONLY)
+        if self.tty:
+            self._draw(text, end=True)
+        else:
             print(text, file=self.stream, flush=True)
-            logging.debug(text)
+
+    def _draw(self, text: str, end: bool) -> None:
+        pad = " " * max(self._width - len(text), 0)
+        self._width = len(text)
+        self.stream.write("\r" + text + pad + ("\n" if end else ""))
+        self.stream.flush()
+        self.last = time.perf_counter()
+        logs.partial_line(not end)

@@ -12,8 +12,12 @@ needs every process's shards visible to process 0: a shared filesystem or a buck
 
 The model is a converted directory (config.sample.model_path) or the EMA weights of the
 workdir's latest checkpoint (`checkpoint.load_ema_model`); the mixture comes from the
-run's GMM directory (`gmm.stage.load_fitted`). `grid_evaluator` is the same program as a
-training evaluator: a PNG grid of EMA samples, which the train job hands to the loop.
+run's GMM directory (`gmm.stage.load_fitted`); both are checked first, so a missing one
+is one line before anything loads. `grid_evaluator` is the same program as a training
+evaluator (a PNG grid of EMA samples, which the train job hands to the loop), and
+`generate_images` draws indices 0..N-1 in memory for the in-training FID
+(`fid_scorer.FidEvaluator`). `SamplingParts` loads model, guide, mixture and decoder once,
+for the sampling stage and for each point of the guidance sweep.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import re
-import time
 import zipfile
 from collections.abc import Callable
 
@@ -32,10 +36,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mmfm_jax import files, parallel, sampling
+from mmfm_jax import files, metrics, parallel, sampling
 from mmfm_jax.checkpoint import load_ema_model
+from mmfm_jax.config import ConfigError
 from mmfm_jax.flow import time_shift
-from mmfm_jax.gmm.stage import load_fitted
+from mmfm_jax.gmm.stage import load_fitted, require_fitted
 from mmfm_jax.models import load_ditdh
 
 SHARD_RE = re.compile(r"^shard_(\d{7})_(\d{7})\.npz$")
@@ -135,6 +140,7 @@ class Sampler:
             raise ValueError("guidance 'autoguidance' needs a guide model (sample.guide_path)")
         self.mesh, self.spec, self.batch_size = mesh, spec, batch_size
         graphdef, model_state = nnx.split(model)
+        self._graphdef = graphdef
         guide_graph, guide_state = nnx.split(guide) if guide is not None else (None, None)
         decode_apply, decode_state = _split(decode_fn)
         self._args = parallel.replicate_unplaced(
@@ -154,15 +160,38 @@ class Sampler:
         self.local_rows = np.unique(np.concatenate(
             [np.arange(batch_size)[s[0]] for s in index_map.values()]))
 
-    def __call__(self, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def use_model(self, model) -> None:
+        """Sample from new weights of the same architecture (a later EMA) without
+        recompiling."""
+        graphdef, model_state = nnx.split(model)
+        if graphdef != self._graphdef:
+            raise ValueError("Sampler.use_model: the model's structure differs from the one "
+                             "this sampler was compiled for")
+        self._args = (parallel.replicate_unplaced(model_state, self.mesh), *self._args[1:])
+
+    def __call__(self, start: int, *, gather: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Samples start .. start + batch_size - 1: (global row indices, images, labels) of
-        the rows this process holds."""
+        the rows this process holds (`gather`: every row, on every process)."""
         indices = np.arange(start, start + self.batch_size, dtype=np.int32)
         global_indices = jax.make_array_from_callback(indices.shape, self._sharding,
                                                       lambda idx: indices[idx])
         images, labels = self._program(*self._args, global_indices)
-        images, labels = parallel.global_to_host((images, labels))
-        return indices[self.local_rows], images, labels
+        images, labels = parallel.global_to_host((images, labels), gather=gather)
+        return (indices if gather else indices[self.local_rows]), images, labels
+
+
+def generate_images(sampler: Sampler, num_samples: int, *, desc: str = "sample"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Samples 0 .. num_samples - 1 in memory, on every process: (uint8 images, labels)."""
+    progress = metrics.Progress(num_samples, desc, "img")
+    images, labels = [], []
+    for start in range(0, num_samples, sampler.batch_size):
+        _, batch_images, batch_labels = sampler(start, gather=True)
+        images.append(batch_images)
+        labels.append(batch_labels)
+        progress.update(min(sampler.batch_size, num_samples - start))
+    return np.concatenate(images)[:num_samples], np.concatenate(labels)[:num_samples]
 
 
 # ---- shard files --------------------------------------------------------------------------
@@ -285,18 +314,24 @@ def grid_evaluator(cfg, workdir: str, mesh, *, mixture=None, decode_fn=None,
                    num_images: int = GRID_SIZE) -> Callable[[int, object], str]:
     """A training evaluator: `evaluate(step, ema_model)` writes a PNG grid of `num_images`
     samples (this job's program, indices 0..) as `<workdir>/samples/train_grid_{step}.png`
-    and returns its path. `mixture` and `decode_fn` are the trainer's (on the mesh)."""
+    and returns its path; `evaluate.every` is config.train.sample_every. `mixture` and
+    `decode_fn` are the trainer's (on the mesh). The sampler compiles on the first call."""
     batch = parallel.shard_batch_size(num_images, mesh)
     out_dir = epath.Path(workdir) / "samples"
+    samplers: list[Sampler] = []
 
     def evaluate(step: int, model) -> str:
-        sampler = Sampler(model, mesh, spec_from_config(cfg, model), batch_size=batch,
-                          mixture=mixture, decode_fn=decode_fn)
-        _, images, _ = sampler(0)
+        if not samplers:
+            samplers.append(Sampler(model, mesh, spec_from_config(cfg, model),
+                                    batch_size=batch, mixture=mixture, decode_fn=decode_fn))
+        else:
+            samplers[0].use_model(model)
+        _, images, _ = samplers[0](0, gather=True)
         out = out_dir / f"train_grid_{step:07d}.png"
         if jax.process_index() == 0:
             write_grid(images[:num_images], out)
         return str(out)
+    evaluate.every = int(cfg.train.sample_every)
     return evaluate
 
 
@@ -322,43 +357,37 @@ def run_sampling(sampler: Sampler, samples_dir, num_samples: int, *,
     merged = samples_dir / f"samples_{num_samples}.npz"
     samples_dir.mkdir(parents=True, exist_ok=True)
     shards = scan_shards(samples_dir, remove_bad=jax.process_index() == 0)
-    _barrier("mmfm_sample_scan")
+    barrier("mmfm_sample_scan")
     done = _covered(shards, num_samples)
     todo = _batches_to_run(sampler, done, num_samples)
     logging.info("sampling %d images into %s: %d on disk, %d batches of %d to run",
                  num_samples, samples_dir, int(done.sum()), len(todo), sampler.batch_size)
-    t0 = time.time()
-    for i, start in enumerate(todo):
+    progress = metrics.Progress(len(todo), "sample", "batches")
+    for start in todo:
         rows, images, labels = sampler(start)
         keep = (rows < num_samples) & ~done[np.minimum(rows, num_samples - 1)]
         for a, b in _runs(rows[keep]):
             sel = (rows >= a) & (rows < b)
             _write_npz(samples_dir / f"shard_{a:07d}_{b:07d}.npz", arr_0=images[sel],
                        labels=labels[sel].astype(np.int32))
-        elapsed = time.time() - t0
-        eta = elapsed / (i + 1) * (len(todo) - i - 1)
-        logging.info("sample batch %d/%d (from %d): %.1f images/s, elapsed %s, ETA %s",
-                     i + 1, len(todo), start, (i + 1) * sampler.batch_size / elapsed,
-                     _hms(elapsed), _hms(eta))
-    _barrier("mmfm_sample_written")
+        progress.update(1, extra=f"from index {start}, "
+                        f"{progress.rate() * sampler.batch_size:.1f} images/s")
+    barrier("mmfm_sample_written")
     if jax.process_index() == 0 and (todo or not merged.exists()):
         merged = merge_shards(samples_dir, num_samples)
         if png_grid:
             with merged.open("rb") as f, np.load(f) as data:
                 write_grid(data["arr_0"][:GRID_SIZE], samples_dir / "grid.png")
         logging.info("wrote %s", merged)
+    barrier("mmfm_sample_merged")  # every process may read the merged file from here on
     return merged
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """All processes meet here (nothing to do on one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def spec_from_config(cfg, model) -> SampleSpec:
@@ -387,6 +416,18 @@ def _load_model(cfg, workdir: str, mesh):
     return load_ema_model(cfg, workdir, mesh)  # the EMA of the workdir's latest checkpoint
 
 
+def require_checkpoint(cfg, workdir: str) -> None:
+    """One ConfigError line, before orbax starts any thread, when sampling from the
+    workdir's checkpoints (config.sample.model_path empty) finds none."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(workdir, "checkpoints")
+    if not cfg.sample.model_path and not ocp.utils.checkpoint_steps(directory):
+        raise ConfigError(f"{directory}: no checkpoint to sample from; train first "
+                          "(--stage=train) or set config.sample.model_path to a converted "
+                          "model directory")
+
+
 def _load_decoder(cfg):
     if cfg.rae.kind == "identity":
         from mmfm_jax import pixel_encoder
@@ -395,17 +436,38 @@ def _load_decoder(cfg):
     return rae.load_rae(cfg.rae.path).decode
 
 
+@dataclasses.dataclass
+class SamplingParts:
+    """What a sampler is built from, loaded once: the model, the guide (autoguidance),
+    the source mixture and the decoder. The guidance sweep builds one sampler per point."""
+
+    model: object
+    guide: object
+    mixture: object
+    decode_fn: Callable | None
+
+    @classmethod
+    def load(cls, cfg, workdir: str, mesh) -> SamplingParts:
+        require_fitted(cfg, workdir)  # cheap checks first: one line, nothing loaded
+        require_checkpoint(cfg, workdir)
+        model = _load_model(cfg, workdir, mesh)
+        guide = None
+        if cfg.sample.guidance == "autoguidance":
+            guide = load_ditdh(cfg.sample.guide_path, mesh=mesh,
+                               compute_dtype=cfg.sample.compute_dtype)
+        mixtures = load_fitted(cfg, workdir)
+        return cls(model, guide, None if mixtures is None else mixtures[1],
+                   _load_decoder(cfg))
+
+    def sampler(self, cfg, mesh) -> Sampler:
+        """The sampler of `cfg`'s settings (guidance, scale, interval, steps, seed)."""
+        return Sampler(self.model, mesh, spec_from_config(cfg, self.model),
+                       batch_size=cfg.sample.batch_size, mixture=self.mixture,
+                       guide=self.guide, decode_fn=self.decode_fn)
+
+
 def sample_stage(cfg, workdir: str, mesh) -> epath.Path:
     """`--stage=sample`: cfg.sample.num_samples images into <workdir>/samples."""
-    model = _load_model(cfg, workdir, mesh)
-    guide = None
-    if cfg.sample.guidance == "autoguidance":
-        guide = load_ditdh(cfg.sample.guide_path, mesh=mesh,
-                           compute_dtype=cfg.sample.compute_dtype)
-    mixtures = load_fitted(cfg, workdir)
-    sampler = Sampler(model, mesh, spec_from_config(cfg, model),
-                      batch_size=cfg.sample.batch_size,
-                      mixture=None if mixtures is None else mixtures[1], guide=guide,
-                      decode_fn=_load_decoder(cfg))
+    sampler = SamplingParts.load(cfg, workdir, mesh).sampler(cfg, mesh)
     return run_sampling(sampler, epath.Path(workdir) / "samples", cfg.sample.num_samples,
                         png_grid=cfg.sample.png_grid)

@@ -13,8 +13,9 @@ along unchanged (so the EMA over them is the identity, as upstream). Shardings f
 config.mesh.rules; the Trainer logs each parameter's PartitionSpec when it is built.
 
 The loop knows nothing of sampling: `train(..., evaluators=...)` calls each evaluator
-(`(step, ema_model)`, e.g. the sampling module's PNG grid) every config.train.sample_every
-steps, and the train job (`train_job.py`) wires them in. Neighbours: the frozen encoder
+(`(step, ema_model)`, e.g. the sampling module's PNG grid, the in-training FID) every
+`evaluator.every` steps (default config.train.sample_every) and logs the scalars it
+returns; the train job (`train_job.py`) wires them in. Neighbours: the frozen encoder
 (`frozen_encoder.py`), the mixtures (`gmm/stage.py`), checkpoints, the EMA restore and
 export (`checkpoint.py`).
 """
@@ -37,15 +38,22 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mmfm_jax import auto_accum, compile_cache, flow, frozen_encoder, metrics, parallel
 from mmfm_jax import config as config_lib
-from mmfm_jax import flow, frozen_encoder, metrics, parallel
 from mmfm_jax.checkpoint import PreemptionGuard, check_finite, checkpointer, export_ema
 from mmfm_jax.gmm.stage import load_fitted
 from mmfm_jax.model_parts import ModelParts, abstract_model_state, model_config, pure, split
 from mmfm_jax.models import DiTDH, DiTDHConfig
 from mmfm_jax.models.state_arrays import flat_variables
 
-Evaluator = Callable[[int, DiTDH], Any]  # (step, EMA model), run every train.sample_every
+Evaluator = Callable[[int, DiTDH], Any]  # (step, EMA model), every `.every` steps
+
+
+def evaluator_due(evaluator: Evaluator, step: int, default_every: int) -> bool:
+    """An evaluator runs every `evaluator.every` steps (config.train.sample_every when it
+    has none; 0: never)."""
+    every = int(getattr(evaluator, "every", default_every))
+    return every > 0 and step % every == 0
 
 
 @struct.dataclass
@@ -299,8 +307,11 @@ class Trainer:
             enc_graphdef, enc_state = frozen_encoder.place_encoder(encoder, mesh)
             mixtures = place_mixtures(load_fitted(cfg, workdir), mesh)
             hyper = tuple(sorted(cfg.train.to_dict().items()))
+            opts = dataclasses.replace(  # grad_accum=-1: the memory plan's choice
+                StepOptions.from_config(cfg, mcfg),
+                grad_accum=auto_accum.resolve_grad_accum(cfg, mcfg, mesh))
             parts, shardings, params, tx, schedule, step_fn = _compiled(
-                mcfg, StepOptions.from_config(cfg, mcfg), mesh, hyper, enc_graphdef, rules)
+                mcfg, opts, mesh, hyper, enc_graphdef, rules)
         log_param_shardings(params, mesh)
         return cls(cfg, mesh, mcfg, parts, shardings, tx, schedule, encoder, enc_state,
                    mixtures, step_fn)
@@ -404,6 +415,12 @@ class _Logger:
         self.window = []
         self.t_last, self.step_last = now, step
 
+    def write_evaluation(self, step: int, result) -> None:
+        """An evaluator's dict of scalars (e.g. fid, fid_samples) as its own record."""
+        if isinstance(result, dict) and result:
+            self.writer.write(step, result)
+            self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -425,7 +442,8 @@ def train(cfg, workdir: str, mesh, *, trainer: Trainer | None = None,
     a finished run exports the EMA weights to `<workdir>/export`. `trainer` is one already
     built for (cfg, workdir, mesh), else it is built here. `callbacks` run on the host after
     each step is dispatched (with its step number); `evaluators` get (step, EMA model)
-    every config.train.sample_every steps.
+    every `evaluator.every` steps (default config.train.sample_every), and a dict they
+    return is written to metrics.jsonl/TensorBoard at that step.
     """
     trainer = trainer or Trainer.create(cfg, workdir, mesh)
     t = cfg.train
@@ -446,6 +464,8 @@ def train(cfg, workdir: str, mesh, *, trainer: Trainer | None = None,
         with PreemptionGuard() as guard:
             for step in range(start + 1, int(t.num_steps) + 1):
                 state, step_metrics = trainer.step(state, next(data_iter))
+                if step == start + 1:  # the step has compiled (or come from the cache)
+                    compile_cache.log_summary()
                 logger.add(step, step_metrics)
                 for callback in callbacks:
                     callback(step)
@@ -458,10 +478,11 @@ def train(cfg, workdir: str, mesh, *, trainer: Trainer | None = None,
                 if save:
                     ckpt.save(step, state, data_iter)
                     last_saved = step
-                if evaluators and t.sample_every > 0 and step % t.sample_every == 0:
+                due = [e for e in evaluators if evaluator_due(e, step, t.sample_every)]
+                if due:
                     ema_model = trainer.ema_model(state)
-                    for evaluate in evaluators:
-                        evaluate(step, ema_model)
+                    for evaluate in due:
+                        logger.write_evaluation(step, evaluate(step, ema_model))
                 if preempted:
                     logging.warning("preempted at step %d: checkpoint saved, exiting", step)
                     break

@@ -163,6 +163,17 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
                     else 0.05 * noise)
 
 
+def _convert_hf_encoder(model, tmp_path, name: str):
+    """Save a transformers encoder as an HF folder, convert it with the fixture decoder and
+    stats through the CLI, and load the resulting RAE."""
+    model.save_pretrained(tmp_path / name)
+    out = tmp_path / "rae"
+    args = _args(out)
+    args[args.index("--encoder") + 1] = str(tmp_path / name)
+    assert convert_main(args) == 0
+    return load_rae(str(out))
+
+
 def test_vit_mae_encoder_matches_transformers(tmp_path):
     """MAE-B-style encoder (tiny random ViTMAEForPreTraining, saved as an HF folder) in
     an RAE with the fixture decoder. Assumed, as for DINOv2: RAE's MAE encoder drops the
@@ -179,12 +190,7 @@ def test_vit_mae_encoder_matches_transformers(tmp_path):
     with torch.no_grad():  # the affine RAE drops, neutral here so torch's output compares
         model.vit.layernorm.weight.fill_(1.0)
         model.vit.layernorm.bias.zero_()
-    model.save_pretrained(tmp_path / "mae")
-    out = tmp_path / "rae"
-    args = _args(out)
-    args[args.index("--encoder") + 1] = str(tmp_path / "mae")
-    assert convert_main(args) == 0
-    rae = load_rae(str(out))
+    rae = _convert_hf_encoder(model, tmp_path, "mae")
     assert rae.cfg.encoder.input_size == (256, 256) and rae.encoder.register_tokens is None
 
     images = np.random.default_rng(3).random((2, 256, 256, 3), dtype=np.float32)
@@ -220,12 +226,7 @@ def test_siglip2_encoder_matches_transformers(tmp_path):
                 p.add_(1.0)  # LN weights around 1
         model.post_layernorm.weight.fill_(1.0)
         model.post_layernorm.bias.zero_()
-    model.save_pretrained(tmp_path / "siglip2")
-    out = tmp_path / "rae"
-    args = _args(out)
-    args[args.index("--encoder") + 1] = str(tmp_path / "siglip2")
-    assert convert_main(args) == 0
-    rae = load_rae(str(out))
+    rae = _convert_hf_encoder(model, tmp_path, "siglip2")
     assert rae.cfg.encoder.input_size == (256, 256) and rae.encoder.cls_token is None
 
     images = np.random.default_rng(4).random((2, 256, 256, 3), dtype=np.float32)

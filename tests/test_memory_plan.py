@@ -75,10 +75,10 @@ def test_infeasible_is_one_line(kwargs, match):
 
 
 def test_fit_recovers_a_linear_model_and_validates():
-    truth = known_model()
+    truth = known_model(accum_overhead=0.5 * GIB, accum_coeff=1.5)
     points = [(8, "none", 1, 1), (8, "none", 4, 1), (2, "none", 1, 1), (8, "full", 1, 1),
-              (8, "full", 4, 1)]
-    checks = [(2, "none", 4, 1), (8, "none", 8, 2)]
+              (8, "full", 4, 1), (8, "none", 8, 2), (2, "none", 2, 2)]
+    checks = [(2, "none", 4, 1), (8, "none", 8, 4), (8, "full", 8, 2)]
 
     def measure(f, r, b, n):
         return mp.Measurement(f, r, b, n, truth.predict(f, r, b, n), truth.state[f],
@@ -87,11 +87,15 @@ def test_fit_recovers_a_linear_model_and_validates():
     fitted = mp.fit([measure(*p) for p in points], batch_bytes=truth.batch_bytes,
                     state=truth.state, params=truth.params, description="fit",
                     validation=[measure(*p) for p in checks])
-    assert fitted.grad_coeff == pytest.approx(truth.grad_coeff, rel=1e-6)
+    for name in ("grad_coeff", "accum_coeff"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
+    assert fitted.accum_overhead == pytest.approx(truth.accum_overhead, rel=1e-6)
     for r in ("none", "full"):
         assert fitted.per_sample[r] == pytest.approx(truth.per_sample[r], rel=1e-6)
         assert fitted.overhead[r] == pytest.approx(truth.overhead[r], rel=1e-6)
-    assert [abs(v["relative_error"]) < 1e-6 for v in fitted.validation] == [True, True]
+    assert [abs(v["relative_error"]) < 1e-6 for v in fitted.validation] == [True] * 3
+    # accumulation costs its own memory: one step more than the same micro-batch alone
+    assert fitted.predict(8, "none", 8, 2) > fitted.predict(8, "none", 4, 1) + 4 * 2**20
     again = mp.MemoryModel.from_dict(fitted.to_dict())  # JSON keys become strings
     assert again.predict(4, "full", 8, 2) == fitted.predict(4, "full", 8, 2)
 
@@ -103,6 +107,11 @@ def test_fit_needs_two_batches_and_two_fsdp_sizes():
     m4 = dataclasses.replace(m, per_device_batch=4)
     with pytest.raises(mp.PlanError, match="two fsdp sizes"):
         mp.fit([m, m4], batch_bytes=0, state={8: GIB}, params={8: GIB // 4}, description="x")
+    m2 = dataclasses.replace(m, fsdp=2)
+    accum = dataclasses.replace(m, per_device_batch=8, grad_accum=2)
+    with pytest.raises(mp.PlanError, match="accumulation needs compiles at two fsdp"):
+        mp.fit([m, m4, m2, accum], batch_bytes=0, state={8: GIB, 2: GIB},
+               params={8: GIB // 4, 2: GIB // 4}, description="x")
 
 
 def test_fit_by_compiling_drives_the_measurements():
@@ -116,11 +125,12 @@ def test_fit_by_compiling_drives_the_measurements():
         return 10**7 + 10**6 * (b // n) + (5 if r == "none" else 0) * 10**5
 
     model = mp.fit_by_compiling(measure, cfg, remats=("none", "full"), description="tiny")
-    assert asked[:5] == [(8, "none", 1, 1), (8, "none", 4, 1), (8, "full", 1, 1),
-                         (8, "full", 4, 1), (2, "none", 1, 1)]
-    assert asked[5:] == [(2, "none", 4, 1), (8, "none", 8, 2)]  # held out
+    assert asked[:7] == [(8, "none", 1, 1), (8, "none", 4, 1), (8, "full", 1, 1),
+                         (8, "full", 4, 1), (2, "none", 1, 1), (8, "none", 8, 2),
+                         (2, "none", 2, 2)]
+    assert asked[7:] == [(2, "none", 4, 1), (8, "none", 8, 4), (8, "full", 8, 2)]  # held out
     assert model.batch_bytes == 4 * (4 * 4 * 8 + 8)
-    assert set(model.state) == {8, 2} and len(model.validation) == 2
+    assert set(model.state) == {8, 2} and len(model.validation) == 3
 
 
 def test_state_bytes_follow_the_applied_sharding():

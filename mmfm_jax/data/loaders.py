@@ -1,13 +1,16 @@
 """grain loaders: the shuffled, flipped, process-sharded training stream and the ordered pass.
 
 Training (`make_train_loader`): one global shuffle per epoch (IndexSampler, reshuffled every
-epoch), process p of n takes positions p, p + n, ... of that stream, so the processes see
-disjoint parts of each epoch and together the whole of it. Images are read, decoded and
+epoch); process p of n reads the p-th contiguous block of every global batch (whichever
+worker reads it: `FlipSampler`), so the processes see disjoint parts of each epoch and
+together the whole of it, and the global batches do not depend on the process or worker
+count. Images are read, decoded and
 cropped in grain's read threads (and worker processes), unreadable ones are dropped and
 counted, and each record is flipped by an RNG keyed on (seed, record key, epoch). Batches
 are host-local: `global_batch / process_count` rows; `parallel.host_to_global` makes them
 global arrays. The iterator's state (`get_state`/`set_state`, or orbax with
-`grain.checkpoint.CheckpointSave/CheckpointRestore`) resumes the exact stream.
+`grain.checkpoint.CheckpointSave/CheckpointRestore`) resumes the exact stream on the same
+processes and workers; `position()` / `seek()` (`data/position.py`) resume it on any.
 
 Evaluation (`make_eval_loader`): every record once, in order, no flip; global batch s holds
 records [s*B, (s+1)*B), process p its p-th slice; the tail is padded and masked.
@@ -15,12 +18,15 @@ records [s*B, (s+1)*B), process p its p-th slice; the tail is padded and masked.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 
 import grain
 import numpy as np
 from grain._src.python.dataset.transformations.batch import make_batch  # not re-exported; shm
 
+from mmfm_jax.data import position as position_lib
 from mmfm_jax.data.latent_cache import LatentCacheSource
 from mmfm_jax.data.packed import PackedSource
 from mmfm_jax.data.sources import (
@@ -31,6 +37,8 @@ from mmfm_jax.data.sources import (
     class_balanced_subset,
 )
 from mmfm_jax.data.transforms import flip_decision, record_rng
+
+log = logging.getLogger(__name__)
 
 KINDS = ("digits", "imagefolder", "arrayrecord", "latent_cache")
 
@@ -90,24 +98,37 @@ class FlipSampler(grain.samplers.IndexSampler):
     """IndexSampler (global shuffle, reshuffled each epoch) whose per-record RNG is
     `record_rng(seed, record_key, epoch)`: independent of workers, processes and resumes.
 
-    grain shards a stream by giving process p the positions p, p + n, ...; this sampler
-    re-maps them so that process p's k-th local batch is the p-th contiguous block of the
+    grain shards a stream by giving process p of n the indices p, p + n, ..., and worker w
+    of W the w-th of every W of those; each worker batches its own records and grain
+    interleaves the workers' batches round robin. This sampler re-maps the indices so that
+    process p's k-th local batch (from worker k mod W) is the p-th contiguous block of the
     k-th global batch. The global batch (rows in process order) is then the same for any
-    number of processes, so a run on 2 hosts equals a run on 1.
+    number of processes and workers, so a run on 2 hosts equals a run on 1, and a stream's
+    position is one number (`data/position.py`). A finite stream's tail that does not fill
+    W local batches on every process keeps grain's own order.
     """
 
     def __init__(self, num_records: int, *, seed: int, num_epochs: int | None,
-                 local_batch: int = 1, process_count: int = 1):
+                 local_batch: int = 1, process_count: int = 1, workers: int = 0):
         super().__init__(num_records, shuffle=True, num_epochs=num_epochs, seed=seed)
         self._n, self._flip_seed = num_records, seed
-        self._local, self._procs = local_batch, process_count
+        self._local, self._procs, self._workers = local_batch, process_count, max(workers, 1)
+        per_process = None if num_epochs is None else num_records * num_epochs // process_count
+        block = local_batch * self._workers
+        self._remapped = None if per_process is None else per_process // block * block
+
+    def position(self, index: int) -> int:
+        """The stream position grain's `index` reads (see the class docstring)."""
+        n, b, w = self._procs, self._local, self._workers
+        p, local = index % n, index // n
+        if (n == 1 and w == 1) or (self._remapped is not None and local >= self._remapped):
+            return index
+        worker, row = local % w, local // w
+        k = (row // b) * w + worker
+        return k * b * n + p * b + row % b
 
     def __getitem__(self, index: int):
-        position = index
-        if self._procs > 1:
-            p, i = index % self._procs, index // self._procs
-            position = (i // self._local) * self._local * self._procs + p * self._local \
-                + i % self._local
+        position = self.position(index)
         md = super().__getitem__(position)
         rng = record_rng(self._flip_seed, int(md.record_key), position // self._n)
         # keep grain's own index: its iterator state counts requested positions
@@ -160,24 +181,75 @@ class _Batcher:
 
 
 class TrainIterator(grain.DataLoaderIterator):
-    """A DataLoaderIterator that moves each batch's skip count onto its loader."""
+    """A DataLoaderIterator that moves each batch's skip count onto its loader and counts
+    the batches of its stream (`batches`), so its position is process-independent."""
 
     def __init__(self, loader: TrainLoader):
         super().__init__(loader, state=None)
         self._loader = loader
+        self.batches = 0  # local batches since the stream's start = global batches
 
     def __next__(self):
         batch = super().__next__()
+        self.batches += 1
         self._loader.num_skipped += int(batch.pop("num_skipped"))
         return batch
 
+    def position(self) -> dict:
+        """The process-independent position (`data/position.py`) after `batches`."""
+        return position_lib.position_record(
+            batches=self.batches, global_batch=self._loader.global_batch,
+            sampler=repr(self._loader.sampler), data_source=repr(self._loader.source))
+
+    def accepts_state(self, raw: bytes | str) -> bool:
+        """Whether grain's per-process `raw` state is one of this loader's streams (same
+        worker count, sampler and source), so `set_state` restores it exactly."""
+        state = position_lib.parse_state(raw)
+        return (state["worker_count"] == self._loader.worker_count
+                and state["sampler"] == repr(self._loader.sampler)
+                and state["data_source"] == repr(self._loader.source))
+
+    def restore_state(self, raw: bytes | str, batches: int) -> None:
+        """grain's per-process state (exact, also after dropped records) at `batches`."""
+        self.set_state(raw if isinstance(raw, bytes) else raw.encode())
+        self.batches = int(batches)
+
+    def check(self, record) -> None:
+        """DataPositionError (one line) unless the `position()` record continues this
+        stream: same global batch and sampler (a moved source is only logged)."""
+        loader = self._loader
+        position_lib.check_position(record, global_batch=loader.global_batch,
+                                    sampler=repr(loader.sampler))
+        if record["data_source"] != repr(loader.source):
+            log.warning("data position saved for %s, continuing on %s (same records and "
+                        "order)", record["data_source"], repr(loader.source))
+
+    def seek(self, record) -> None:
+        """Move to a `position()` record of any process or worker count (DataPositionError,
+        one line, when it cannot continue this stream)."""
+        self.check(record)
+        loader = self._loader
+        template = json.loads(self.get_state())
+        state = position_lib.grain_state_at(
+            template, int(record["batches"]), process_index=loader.process_index,
+            process_count=loader.process_count, local_batch=loader.local_batch)
+        self.set_state(json.dumps(state).encode())
+        self.batches = int(record["batches"])
+
 
 class TrainLoader(grain.DataLoader):
-    """grain.DataLoader plus `num_skipped`: unreadable images dropped by its iterators."""
+    """grain.DataLoader plus `num_skipped` (unreadable images dropped by its iterators) and
+    the stream's geometry (global batch, process shard, workers) its positions need."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, global_batch: int, process_index: int, process_count: int,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_skipped = 0
+        self.global_batch, self.process_index, self.process_count = (
+            int(global_batch), int(process_index), int(process_count))
+        self.local_batch = self.global_batch // self.process_count
+        self.worker_count = int(kwargs.get("worker_count", 0))
+        self.sampler, self.source = kwargs["sampler"], kwargs["data_source"]
 
     def __iter__(self) -> TrainIterator:
         return TrainIterator(self)
@@ -200,10 +272,11 @@ def make_train_loader(data_cfg, *, global_batch: int, seed: int, process_index=N
     _allow_worker_processes(num_workers)
     drop = _DropUnreadable()
     return TrainLoader(
+        global_batch=global_batch, process_index=process_index, process_count=process_count,
         data_source=source,
         sampler=FlipSampler(len(source), seed=int(seed), num_epochs=num_epochs,
                             local_batch=global_batch // process_count,
-                            process_count=process_count),
+                            process_count=process_count, workers=num_workers),
         operations=[drop, _Flip(bool(data_cfg.random_flip)),
                     grain.transforms.Batch(global_batch // process_count, drop_remainder=True,
                                            batch_fn=_Batcher(drop))],

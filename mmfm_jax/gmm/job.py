@@ -3,8 +3,10 @@
 Images are read in order (square centre crops at the encoder's input size, no flip),
 encoded on the mesh by the same frozen encoder the trainer uses (`frozen_encoder`), and
 handed to `gmm.stage.fit_from_batches`, which fits the CLS mixture and then runs the
-spatial pass into the run's mixture directory. Kept out of `gmm/__init__` so that reading
-or fitting mixtures never imports the data pipeline or the RAE.
+spatial pass into the run's mixture directory. Each encode pass and the EM show one
+progress bar on the console; the EM's per-iteration lines go to the log file. Kept out of
+`gmm/__init__` so that reading or fitting mixtures never imports the data pipeline or the
+RAE.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import jax
 import numpy as np
 
-from mmfm_jax import data, frozen_encoder, parallel
+from mmfm_jax import data, frozen_encoder, logs, metrics, parallel
 from mmfm_jax.config import ConfigError
 from mmfm_jax.gmm import io
 from mmfm_jax.gmm.stage import fit_from_batches, gmm_dir
@@ -42,13 +44,42 @@ def fit_gmm_stage(cfg, workdir: str, mesh) -> None:
     image_size = (encoder.cfg.encoder.input_size[0] if cfg.rae.kind == "dinov2"
                   else cfg.data.image_size)
     batch = parallel.shard_batch_size(int(cfg.gmm.encode_batch_size), mesh)
+    em = _EMProgress(int(cfg.gmm.max_iter))
 
     def batches():
-        loader = data.make_eval_loader(cfg.data, global_batch=batch, image_size=image_size)
+        try:
+            loader = data.make_eval_loader(cfg.data, global_batch=batch, image_size=image_size)
+        except FileNotFoundError as e:  # no images where config.data points
+            raise ConfigError(f"config.data.path={cfg.data.path!r} (config.data.kind="
+                              f"{cfg.data.kind!r}): {e}; --stage=fit_gmm encodes the "
+                              "training images") from e
+        what = "spatial pass" if io.has_cls(out_dir) else "CLS tokens"  # the EM runs between
+        em.finish()
+        progress = metrics.Progress(loader.num_records, f"fit_gmm encode ({what})", "img")
         for host in loader:
             images = parallel.host_to_global(host["image"], mesh)
             latents, cls = parallel.global_to_host(encode(enc_state, images))
             mask = np.asarray(host["mask"], bool)
+            progress.update(min(batch, progress.total - progress.done))
             yield latents[mask], cls[mask]
+        progress.finish()
 
-    fit_from_batches(batches, cfg, mesh, out_dir, log_fn=logging.info)
+    fit_from_batches(batches, cfg, mesh, out_dir, log_fn=logging.info, iteration_log_fn=em)
+
+
+class _EMProgress:
+    """The EM's per-iteration lines go to the log file; the console gets a progress bar."""
+
+    def __init__(self, max_iter: int):
+        self.max_iter = max_iter
+        self.progress: metrics.Progress | None = None
+
+    def __call__(self, line: str) -> None:
+        logging.info(line, extra=logs.FILE_ONLY)
+        if self.progress is None:  # started by the first iteration, after the encode pass
+            self.progress = metrics.Progress(self.max_iter, "fit_gmm EM", "iterations")
+        self.progress.update(1, extra=line.split(": ", 1)[-1].split(" (")[0])
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.finish()

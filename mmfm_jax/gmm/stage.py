@@ -3,7 +3,8 @@
 `fit_from_batches` is the fit of `--stage=fit_gmm` (CLS tokens -> CLS mixture -> spatial
 pass, resumable between the two; `gmm/job.py` feeds it encoded images). `gmm_dir` is the
 run's mixture directory (config.gmm.path, else `<workdir>/gmm`) and `load_fitted` the one
-reader that training and sampling share.
+reader that training and sampling share; `require_fitted` is its check, which the train and
+sample stages run first so that a missing mixture is one line before any model is built.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from jax.sharding import Mesh
 
+from mmfm_jax.config import ConfigError
 from mmfm_jax.gmm import io
 from mmfm_jax.gmm.em import fit_diag_gmm
 from mmfm_jax.gmm.mixture import CLSMixture, SpatialMixture
@@ -23,7 +25,8 @@ from mmfm_jax.gmm.spatial import spatial_pass
 
 def fit_from_batches(batches_fn: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], cfg,
                      mesh: Mesh | None, out_dir: str,
-                     log_fn: Callable[[str], None] = print
+                     log_fn: Callable[[str], None] = print,
+                     iteration_log_fn: Callable[[str], None] | None = None
                      ) -> tuple[CLSMixture, SpatialMixture]:
     """Fit both mixtures into `out_dir` and return them.
 
@@ -33,6 +36,8 @@ def fit_from_batches(batches_fn: Callable[[], Iterable[tuple[np.ndarray, np.ndar
     pass. cfg is the run config (its `gmm` block) or that block: num_components, max_iter,
     tol, reg_covar, init, seed, chunk_size (E-step rows per chunk), flip. When `out_dir`
     already holds the CLS mixture, the EM is skipped and only the spatial pass runs.
+    `log_fn` gets the stage's lines, `iteration_log_fn` (default `log_fn`) the EM's one
+    line per iteration.
     """
     g = cfg.gmm if hasattr(cfg, "gmm") else cfg
     if io.has_cls(out_dir):
@@ -45,7 +50,8 @@ def fit_from_batches(batches_fn: Callable[[], Iterable[tuple[np.ndarray, np.ndar
                f"collected in {time.perf_counter() - t0:.1f} s; EM with K={g.num_components}")
         result = fit_diag_gmm(cls_tokens, g.num_components, max_iter=g.max_iter, tol=g.tol,
                               reg_covar=g.reg_covar, init=g.init, seed=g.seed, mesh=mesh,
-                              chunk_size=g.chunk_size, log_fn=log_fn)
+                              chunk_size=g.chunk_size,
+                              log_fn=iteration_log_fn or log_fn)
         cls_mixture = result.mixture
         io.save_cls(out_dir, cls_mixture, {
             "n_samples": result.n_samples, "n_iter": result.n_iter,
@@ -69,20 +75,36 @@ def gmm_dir(cfg, workdir: str) -> str:
     return cfg.gmm.path or os.path.join(workdir, "gmm")
 
 
+def require_fitted(cfg, workdir: str) -> None:
+    """Fail fast, reading nothing: a GMM run whose mixtures are not on disk raises
+    FileNotFoundError with one line naming the directory and the fix (the Gaussian
+    baseline needs none)."""
+    if cfg.source != "gmm":
+        return
+    path = gmm_dir(cfg, workdir)
+    missing = [name for name, present in (("CLS", io.has_cls(path)),
+                                          ("spatial", io.has_spatial(path))) if not present]
+    if missing:
+        where = f"config.gmm.path={cfg.gmm.path!r}" if cfg.gmm.path else "the workdir"
+        raise FileNotFoundError(
+            f"{path}: no fitted {' and '.join(missing)} mixture{'s' * (len(missing) > 1)} "
+            f"(from {where}); run "
+            "--stage=fit_gmm first or set config.gmm.path to converted mixtures")
+
+
 def load_fitted(cfg, workdir: str) -> tuple[CLSMixture, SpatialMixture] | None:
     """(CLS mixture, spatial mixture) of a GMM run, None for the Gaussian baseline.
 
-    Raises FileNotFoundError when the directory is missing and ValueError when its mode
-    count is not config.gmm.num_components."""
+    Raises FileNotFoundError (`require_fitted`) when a mixture is missing and ConfigError
+    when its mode count is not config.gmm.num_components."""
     if cfg.source != "gmm":
         return None
+    require_fitted(cfg, workdir)
     path = gmm_dir(cfg, workdir)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no fitted mixtures; run --stage=fit_gmm or set "
-                                "config.gmm.path")
     cls_mix, spatial = io.load(path)
     k = cfg.gmm.num_components
     if cls_mix.n_components != k:
-        raise ValueError(f"{path}: mixture has {cls_mix.n_components} modes, config.gmm."
-                         f"num_components is {k}")
+        raise ConfigError(f"{path}: mixture has {cls_mix.n_components} modes, config.gmm."
+                          f"num_components is {k}; set --config.gmm.num_components="
+                          f"{cls_mix.n_components} or refit")
     return cls_mix, spatial

@@ -6,6 +6,15 @@ input; see REFERENCE.md (c). Also here: the model sizes, the upstream key map (o
 used both by the converter and by `export_torch_state_dict`), saving and loading model
 directories (the common format of `model_dir`, "mmfm_jax.ditdh") and the sharding of the
 parameters over a mesh.
+
+Two layouts of the blocks, one model: unrolled (`blocks/{i}/...`, a Python loop, upstream's
+`blocks.{i}`) or, with `DiTDHConfig.scan_blocks`, each stream's blocks stacked along a
+leading "layers" axis (`encoder_blocks/...`, `head_blocks/...`) and run by one
+`jax.lax.scan` (`scan.py`), so XLA compiles one block per stream instead of 28 + 2. The
+same seed gives the same weights in both; the key map, the converter, the export and the
+directory loader translate between them (`block_stacks`, `arrays_in_layout`), so a
+directory of either layout loads into either model. `remat` ("none", "full" or a
+`jax.checkpoint_policies` name) rematerialises every block in both layouts.
 """
 
 from __future__ import annotations
