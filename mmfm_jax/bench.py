@@ -418,7 +418,7 @@ def bench_compile_cmd(args, peak: float | None) -> dict:
 
 # Targets of the README's memory-plan table: (name, chips, GiB per chip). TPU v5p-N and
 # v4-N count TensorCores (2 per chip); v5e-N counts chips.
-PLAN_TARGETS = (("8 x H100 80GB", 8, 80.0), ("8 x H200 141GB", 8, 141.0),
+PLAN_TARGETS = (("8 x H100 80GB", 8, 80.0), ("8 x H200 141GB (140 GiB)", 8, 140.0),
                 ("v5p-64 (32 chips x 95 GiB)", 32, 95.0),
                 ("v5e-256 (256 chips x 16 GiB)", 256, 16.0),
                 ("v4-32 (16 chips x 32 GiB)", 16, 32.0))

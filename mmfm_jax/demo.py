@@ -152,6 +152,7 @@ def run_demo(cfg, workdir: str, mesh) -> dict:
         write_plots(workdir, fd, grids)
         write_json(os.path.join(workdir, "metrics.json"), metrics, indent=2)
         print(format_report(metrics))
+        logging.info("demo report:\n%s", format_report(metrics), extra=logs.FILE_ONLY)
     return metrics
 
 

@@ -51,7 +51,7 @@ import numpy as np
 GIB = 2**30
 DEFAULT_MARGIN = 0.9
 # Dense per-device memory of the accelerators the README table covers, GiB.
-DEVICE_MEMORY_GIB = {"H100": 80.0, "H200": 141.0, "A100": 80.0, "v4": 32.0, "v5e": 16.0,
+DEVICE_MEMORY_GIB = {"H100": 80.0, "H200": 140.0, "A100": 80.0, "v4": 32.0, "v5e": 16.0,
                      "v5p": 95.0, "v6e": 32.0}
 # Recompute cost rank of remat policies: none, policies that keep matmul outputs, full.
 NO_RECOMPUTE = ("none", "everything_saveable")

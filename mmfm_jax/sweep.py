@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from mmfm_jax import evaluate, files, sample_job
+from mmfm_jax import evaluate, files, logs, sample_job
 from mmfm_jax.config import ConfigError
 from mmfm_jax.fid_scorer import FidScorer, require_eval_paths
 
@@ -169,6 +169,7 @@ def sweep_stage(cfg, workdir: str, mesh) -> dict:
         files.write_json(epath.Path(workdir) / "sweep.json", summary, indent=2, sort_keys=True)
         write_plot(summary, epath.Path(workdir) / "sweep.png")
         print(format_table(summary), flush=True)
+        logging.info("sweep table:\n%s", format_table(summary), extra=logs.FILE_ONLY)
         print(f"wrote {os.path.join(workdir, 'sweep.json')} and sweep.png", flush=True)
     return summary
 

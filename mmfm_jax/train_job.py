@@ -22,10 +22,10 @@ from mmfm_jax.gmm.stage import require_fitted
 def train_stage(cfg, workdir: str, mesh, *,
                 callbacks: Sequence[Callable[[int], None]] = ()) -> train.TrainResult:
     """Train (or resume) to config.train.num_steps with the EMA evaluators on schedule."""
-    require_fitted(cfg, workdir)
     with_fid = int(cfg.train.get("fid_every", 0)) > 0
     if with_fid:
         fid_scorer.require_eval_paths(cfg, "config.train.fid_every > 0")
+    require_fitted(cfg, workdir)
     trainer = train.Trainer.create(cfg, workdir, mesh)
     evaluators = [sample_job.grid_evaluator(cfg, workdir, mesh, mixture=trainer.source_mixture,
                                             decode_fn=trainer.encoder.decode)]

@@ -1,6 +1,7 @@
 """Input pipeline: ADM crop parity, ImageFolder/ArrayRecord/digits/latent-cache sources, skips,
 flips, process sharding, exact resume (also through orbax), and the ordered eval pass."""
 
+import json
 import logging
 import os
 
@@ -325,6 +326,83 @@ def test_iterator_state_resumes_through_orbax(trees, tmp_path):
                                ) as mngr:
         mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
     _assert_same_batches(expected, _take(resumed, 6))
+
+
+def _split_rows(batch, parts):
+    return [{k: np.split(v, parts)[i] for k, v in batch.items()} for i in range(parts)]
+
+
+def test_global_batches_do_not_depend_on_the_worker_count(trees):
+    """With grain worker processes too, process p's k-th batch is the p-th block of the
+    k-th global batch (before, workers interleaved rows of different global batches)."""
+    cfg = _cfg(path=str(trees[0]))
+    one = _take(iter(D.make_train_loader(cfg, global_batch=4, seed=5, process_index=0,
+                                         process_count=1)), 8)
+    workers = _cfg(path=str(trees[0]), num_workers=2)
+    two = [_take(iter(D.make_train_loader(workers, global_batch=4, seed=5, process_index=p,
+                                          process_count=2)), 8) for p in range(2)]
+    for k, batch in enumerate(one):
+        for p, rows in enumerate(_split_rows(batch, 2)):
+            _assert_same_batches([rows], [two[p][k]])
+
+
+def test_position_resumes_on_any_process_and_worker_count(trees):
+    """A position saved by 2 processes continues on 1, one saved by 1 on 2 (one of them
+    with 2 grain workers): the next batches are those of the uninterrupted stream."""
+    cfg = _cfg(path=str(trees[0]))
+    make = lambda p, n, c=cfg: iter(D.make_train_loader(c, global_batch=4, seed=6,
+                                                       process_index=p, process_count=n))
+    whole = _take(make(0, 1), 11)  # 24 records: crosses the epoch boundary at batch 6
+    halves = [make(p, 2) for p in range(2)]
+    for it in halves:
+        _take(it, 7)
+    saved = halves[0].position()
+    assert saved == halves[1].position() and saved["batches"] == 7 and saved["samples"] == 28
+    resumed = make(0, 1)
+    resumed.seek(saved)
+    _assert_same_batches(_take(resumed, 4), whole[7:])
+    assert resumed.batches == 11
+
+    one = make(0, 1)
+    _take(one, 3)
+    for p in range(2):
+        it = make(p, 2, _cfg(path=str(trees[0]), num_workers=2) if p else cfg)
+        it.seek(one.position())
+        got = _take(it, 4)
+        for k in range(4):
+            _assert_same_batches([_split_rows(whole[3 + k], 2)[p]], [got[k]])
+
+
+def test_rebuilt_grain_state_is_what_grain_reports(trees):
+    """`grain_state_at` against grain's own state after the same batches, for both of two
+    processes without workers and for the second with two workers."""
+    from mmfm_jax.data import position
+
+    for workers, processes in ((0, (0, 1)), (2, (1,))):
+        cfg = _cfg(path=str(trees[0]), num_workers=workers)
+        for p in processes:
+            it = iter(D.make_train_loader(cfg, global_batch=4, seed=1, process_index=p,
+                                          process_count=2))
+            template = json.loads(it.get_state())
+            _take(it, 5)
+            want = json.loads(it.get_state())
+            got = position.grain_state_at(template, 5, process_index=p, process_count=2,
+                                          local_batch=2)
+            assert got == want, (workers, p)
+
+
+def test_position_of_another_stream_is_refused_in_one_line(trees):
+    cfg = _cfg(path=str(trees[0]))
+    it = iter(D.make_train_loader(cfg, global_batch=4, seed=6, process_index=0,
+                                  process_count=1))
+    _take(it, 2)
+    saved = it.position()
+    for global_batch, seed, match in ((8, 6, "global batch is 8"), (4, 7, "seed")):
+        other = iter(D.make_train_loader(cfg, global_batch=global_batch, seed=seed,
+                                         process_index=0, process_count=1))
+        with pytest.raises(ValueError, match=match) as err:
+            other.seek(saved)
+        assert "\n" not in str(err.value)
 
 
 def test_host_batches_become_global_arrays_on_the_mesh(trees):

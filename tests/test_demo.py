@@ -64,3 +64,33 @@ def test_full_demo_from_the_command_line(tmp_path):
                    cwd=REPO, env=env, check=True, timeout=1200)
     metrics = check_report(str(tmp_path), get_config(None).train.num_steps)
     print(demo.format_report(metrics))  # the time depends on the machine's load: reported
+
+
+# The reduced demo through the command line (the same stages and logging as `make demo`).
+REDUCED_FLAGS = ("--config.model.hidden_size=(32, 32)", "--config.model.depth=(1, 1)",
+                 "--config.train.batch_size=32", "--config.train.num_steps=40",
+                 "--config.train.lr_decay_start=20", "--config.train.lr_decay_end=40",
+                 "--config.train.ckpt_every=20", "--config.train.log_every=10",
+                 "--config.sample.num_samples=128", "--config.sample.batch_size=128")
+
+
+@pytest.mark.slow  # two trainings and eight sampling compiles: minutes on 2 CPU cores
+def test_demo_console_is_short_and_the_log_file_keeps_the_rest(tmp_path):
+    """Under 40 console lines (stdout + stderr: stages, progress, results, warnings);
+    orbax/absl INFO, the EM iterations and the parameter table are in <workdir>/log.txt."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-m", "mmfm_jax.main", f"--workdir={tmp_path}",
+                           *REDUCED_FLAGS], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode == 0, "\n".join(console[-40:])
+    assert len(console) < 40, "\n".join(console)
+    assert not any("orbax" in line or "CheckpointManager" in line or "EM iteration" in line
+                   for line in console), "\n".join(console)
+    assert proc.stdout.startswith("Frechet distance to held-out digits")
+    assert any(line.startswith("train: 40/40 steps") for line in console)
+    with open(tmp_path / "log.txt") as f:
+        log = f.read()
+    for kept in ("CheckpointManager", "EM iteration 100:", "blocks/0/attn/qkv/kernel",
+                 "demo: gaussian, 50 Euler steps: Frechet distance"):
+        assert kept in log, kept

@@ -9,7 +9,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -145,3 +148,120 @@ def test_unresumable_data_state_is_one_line(tmp_path, meshes, written_on_eight):
         train.train(elastic_config(6), old, meshes["8"])
     message = str(err.value)
     assert "\n" not in message and "written by 2 process(es)" in message
+
+
+# ------------------------------------------- processes: 2 x 4 devices -> 1 x 8, 1 x 4
+
+TRAIN_FLAGS = ["--config=configs/gaussian.py", "--stage=train", "--config.train.batch_size=16",
+               "--config.train.ckpt_every=2", "--config.train.log_every=1",
+               "--config.model.depth=(1,1)", "--config.model.hidden_size=(32,32)"]
+
+
+@pytest.fixture(autouse=True)
+def _reap():
+    """No child outlives its test."""
+    yield
+    while CHILDREN:
+        proc = CHILDREN.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, steps: int, *, nproc: int, devices: int, cache, extra=()):
+    """`python -m mmfm_jax.main --stage=train` (demo digits, Gaussian source, a tiny
+    DiTDH) on `nproc` localhost processes of `devices` fake CPU devices each, sharing the
+    compilation cache `cache`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMFM_", "SLURM_"))}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    port = free_port()
+    procs = []
+    for pid in range(nproc):
+        dist = ([f"--coordinator_address=localhost:{port}", f"--num_processes={nproc}",
+                 f"--process_id={pid}"] if nproc > 1 else [])
+        log = open(f"{workdir}.{nproc}x{devices}.{pid}.{time.time_ns()}.log", "w+")
+        args = [sys.executable, "-m", "mmfm_jax.main", f"--workdir={workdir}", *TRAIN_FLAGS,
+                f"--config.train.num_steps={steps}", f"--config.compile_cache={cache}",
+                *dist, *extra]
+        procs.append((subprocess.Popen(args, cwd=REPO, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+        CHILDREN.append(procs[-1][0])
+    return procs
+
+
+def finish(procs, timeout=400, expect_rc=0) -> list[str]:
+    outs = []
+    for proc, log in procs:
+        rc = proc.wait(timeout=timeout)
+        log.seek(0)
+        text = log.read()
+        assert rc == expect_rc, f"child exited {rc}:\n{text[-3000:]}"
+        outs.append(text)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def written_by_two_processes(tmp_path_factory):
+    """(the uninterrupted 6-step losses of 1 process x 8 devices, a workdir trained to step
+    4 by 2 processes x 4 devices, the shared compile cache), the two runs side by side."""
+    base = tmp_path_factory.mktemp("elastic")
+    cache = base / "compile_cache"
+    ref = launch(base / "ref", 6, nproc=1, devices=8, cache=cache)
+    two = launch(base / "two", 4, nproc=2, devices=4, cache=cache)
+    finish(two)
+    finish(ref)
+    assert sorted(os.listdir(base / "two" / "checkpoints")) == ["2", "4"]
+    written = os.listdir(base / "two" / "checkpoints" / "4" / "data")
+    assert sorted(n for n in written if n.startswith("process_")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    assert os.listdir(cache), "the compile cache is empty after two runs"
+    return losses_by_step(base / "ref"), base / "two", cache
+
+
+def resume_two_process_checkpoint(tmp_path, written, *, devices: int) -> tuple[dict, str]:
+    want, two, cache = written
+    run = resume_copy(two, tmp_path / f"on_{devices}")
+    (out,) = finish(launch(run, 6, nproc=1, devices=devices, cache=cache))
+    assert "resuming from step 4" in out and "Traceback" not in out
+    got = losses_by_step(run)
+    assert_same_losses(got, want, range(1, 7))
+    return got, out
+
+
+def test_two_processes_resume_on_one_process_of_eight(tmp_path, written_by_two_processes):
+    """The issue's failure (grain: `.../4/data/process_0-of-1.json does not exist`): now
+    the stream is rebuilt from the saved position and the state lands on the 8 devices of
+    one process; the losses continue as in the uninterrupted run, and the train step comes
+    from the compile cache the uninterrupted 1 x 8 run filled."""
+    _, out = resume_two_process_checkpoint(tmp_path, written_by_two_processes, devices=8)
+    assert "rebuilding the data stream of process 0 of 1 at global batch 4" in out
+    hits = [line for line in out.splitlines() if "compile cache" in line and "hit(s)" in line]
+    assert hits and not hits[0].split(": ", 1)[1].startswith("0 hit"), hits
+
+
+@pytest.mark.slow
+def test_two_processes_resume_on_one_process_of_four(tmp_path, written_by_two_processes):
+    resume_two_process_checkpoint(tmp_path, written_by_two_processes, devices=4)
+
+
+def test_refusals_on_the_command_line_are_one_line(tmp_path, written_by_two_processes):
+    """A changed global batch, and a device count that does not divide it: `error: ...`
+    (one line, exit 2), no traceback, nothing trained."""
+    _, two, cache = written_by_two_processes
+    cases = [(["--config.train.batch_size=32"], 8, "global batch is 32"),
+             ([], 6, "not divisible by the 6 devices")]
+    for extra, devices, expected in cases:
+        run = resume_copy(two, tmp_path / f"refused_{devices}")
+        (out,) = finish(launch(run, 6, nproc=1, devices=devices, cache=cache, extra=extra),
+                        expect_rc=2)
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and expected in errors[0], out[-2000:]
+        assert "Traceback" not in out
+        assert max(losses_by_step(run)) == 4

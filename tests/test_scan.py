@@ -126,16 +126,14 @@ def test_scanned_euler_autoguidance_sampling_matches_upstream(cases):
 # ---- scanned == unrolled ---------------------------------------------------------------
 
 def _random_arrays(config, seed=0) -> dict[str, np.ndarray]:
-    """A fresh model's unrolled arrays with every parameter perturbed (its zero-init adaLN
-    and final layer would hide differences); the frozen tables stay."""
+    """Unrolled arrays, every one random (a fresh model's zero-init adaLN and final layer
+    would hide differences); host numpy, no eager initialisation."""
     rng = np.random.default_rng(seed)
-    params = set(flat_state(nnx.state(abstract_model(config), nnx.Param)))
-    fresh = _host(DiTDH(config, rngs=nnx.Rngs(seed)))
-    return {k: v + (0.1 * rng.standard_normal(v.shape)).astype(np.float32) if k in params
-            else v for k, v in fresh.items()}
+    shapes = {k: v.shape for k, v in flat_state(abstract_model(config)).items()}
+    return {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
 
 
-TINY = DiTDHConfig(input_size=4, in_channels=3, hidden_size=(32, 48), depth=(3, 2),
+TINY = DiTDHConfig(input_size=4, in_channels=3, hidden_size=(32, 48), depth=(2, 2),
                    num_heads=(2, 4), num_classes=5)
 
 
@@ -149,7 +147,7 @@ def test_fresh_scanned_model_is_the_stacked_unrolled_one():
     unrolled = _host(DiTDH(TINY, rngs=nnx.Rngs(3)))
     stacked = _host(DiTDH(dataclasses.replace(TINY, scan_blocks=True), rngs=nnx.Rngs(3)))
     assert "encoder_blocks/attn/qkv/kernel" in stacked and "blocks/0/attn/qkv/kernel" in unrolled
-    assert stacked["encoder_blocks/attn/qkv/kernel"].shape == (3, 32, 96)
+    assert stacked["encoder_blocks/attn/qkv/kernel"].shape == (2, 32, 96)
     assert stacked["head_blocks/mlp/w3/kernel"].shape == (2, 128, 48)
     again = _unrolled(stacked, TINY)
     assert sorted(again) == sorted(unrolled)
@@ -187,11 +185,17 @@ def _assert_grads_close(grads, ref, what):
                                    err_msg=f"{what}: {key}")
 
 
-@pytest.mark.parametrize("scanned", [False, True])
-def test_remat_policies_give_the_loss_and_grads_of_none(scanned):
+@pytest.fixture(scope="module")
+def reference_grads():
+    """(arrays, loss, grads) of the unrolled model without remat."""
     arrays = _random_arrays(TINY)
+    return (arrays, *_loss_and_grads(dataclasses.replace(TINY, remat="none"), arrays))
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_remat_policies_give_the_loss_and_grads_of_none(scanned, reference_grads):
+    arrays, ref_loss, ref_grads = reference_grads
     base = dataclasses.replace(TINY, scan_blocks=scanned)
-    ref_loss, ref_grads = _loss_and_grads(dataclasses.replace(TINY, remat="none"), arrays)
     if scanned:  # the scanned model without remat against the unrolled one
         loss, grads = _loss_and_grads(base, arrays)
         assert loss == pytest.approx(ref_loss, rel=1e-6)
@@ -291,14 +295,14 @@ def test_unrolled_directory_loads_into_a_scanned_model_and_back(tmp_path, forwar
 def test_bad_arrays_are_named_in_the_stored_layout(tmp_path):
     arrays = _random_arrays(TINY)
     del arrays["blocks/0/attn/proj/bias"]
-    arrays["blocks/4/mlp/w3/kernel"] = np.zeros((3, 3), np.float32)
+    arrays["blocks/3/mlp/w3/kernel"] = np.zeros((3, 3), np.float32)
     ditdh.save_arrays(TINY, arrays, str(tmp_path / "unrolled"))
     with pytest.raises(ValueError) as err:
         load_ditdh(str(tmp_path / "unrolled"), scan_blocks=True)
     msg = str(err.value)
     assert "\n" not in msg and "weights.safetensors" in msg
     assert "missing keys: blocks/0/attn/proj/bias (expected shape (32,))" in msg
-    assert "blocks/4/mlp/w3/kernel: shape (3, 3), expected (128, 48)" in msg
+    assert "blocks/3/mlp/w3/kernel: shape (3, 3), expected (128, 48)" in msg
     stacked = scan.stack_arrays(_random_arrays(TINY), block_stacks(TINY))
     stacked["head_blocks/norm1/scale"] = np.ones((3, 48), np.float32)  # 3 layers, not 2
     ditdh.save_arrays(dataclasses.replace(TINY, scan_blocks=True), stacked,
@@ -312,7 +316,7 @@ def test_stack_arrays_refuses_a_layer_missing_from_its_stack():
     arrays = _random_arrays(TINY)
     del arrays["blocks/1/norm2/scale"]
     with pytest.raises(ValueError, match=r"encoder_blocks/norm2/scale: cannot stack, "
-                                         r"layers \[1\] of 3 missing"):
+                                         r"layers \[1\] of 2 missing"):
         scan.stack_arrays(arrays, block_stacks(TINY))
 
 

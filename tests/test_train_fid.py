@@ -7,6 +7,7 @@ fixture-recipe FID Inception converted with `convert inception`, a 12-image refe
 import glob
 import math
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -45,8 +46,10 @@ def fid_config(assets):
     return cfg
 
 
+@pytest.mark.slow  # ~40 s of CPU: training, sampling and two FID Inception passes
 def test_in_training_fid_equals_the_offline_eval_job(tmp_path, fid_assets):
-    cfg, workdir, mesh = fid_config(fid_assets), str(tmp_path), parallel.make_mesh()
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+    cfg, workdir = fid_config(fid_assets), str(tmp_path)
     fit_gmm_stage(cfg, workdir, mesh)
     train_job.train_stage(cfg, workdir, mesh)
 

@@ -104,25 +104,24 @@ class FlipSampler(grain.samplers.IndexSampler):
     process p's k-th local batch (from worker k mod W) is the p-th contiguous block of the
     k-th global batch. The global batch (rows in process order) is then the same for any
     number of processes and workers, so a run on 2 hosts equals a run on 1, and a stream's
-    position is one number (`data/position.py`). A finite stream's tail that does not fill
-    W local batches on every process keeps grain's own order.
+    position is one number (`data/position.py`). A finite stream (`num_epochs`, whose tail
+    would not fill W batches on every worker) keeps grain's worker interleave: only its
+    processes are re-mapped.
     """
 
     def __init__(self, num_records: int, *, seed: int, num_epochs: int | None,
                  local_batch: int = 1, process_count: int = 1, workers: int = 0):
         super().__init__(num_records, shuffle=True, num_epochs=num_epochs, seed=seed)
         self._n, self._flip_seed = num_records, seed
-        self._local, self._procs, self._workers = local_batch, process_count, max(workers, 1)
-        per_process = None if num_epochs is None else num_records * num_epochs // process_count
-        block = local_batch * self._workers
-        self._remapped = None if per_process is None else per_process // block * block
+        self._local, self._procs = local_batch, process_count
+        self._workers = max(workers, 1) if num_epochs is None else 1
 
     def position(self, index: int) -> int:
         """The stream position grain's `index` reads (see the class docstring)."""
         n, b, w = self._procs, self._local, self._workers
-        p, local = index % n, index // n
-        if (n == 1 and w == 1) or (self._remapped is not None and local >= self._remapped):
+        if n == 1 and w == 1:
             return index
+        p, local = index % n, index // n
         worker, row = local % w, local // w
         k = (row // b) * w + worker
         return k * b * n + p * b + row % b

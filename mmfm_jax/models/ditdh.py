@@ -245,9 +245,14 @@ class DDTBlock(nnx.Module):
 
     def __call__(self, h: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array):
         """h (B, N, D) in the stream dtype, returned in it: the norms, modulation, RoPE and
-        gated residual adds run there; the (bfloat16) Linear outputs are widened first."""
+        gated residual adds run there; the (bfloat16) Linear outputs are widened first. A
+        per-sample condition (B, 1, D), the encoder's, gets its modulation unrounded: one
+        token's matmul costs nothing and its rounding would repeat over every token."""
         stream = h.dtype
-        mods = jnp.split(self.adaLN_modulation(jax.nn.silu(cond.astype(stream))), 6, axis=-1)
+        per_sample = cond.shape[1] == 1
+        mods = self.adaLN_modulation(jax.nn.silu(cond.astype(stream)),
+                                     out_dtype=stream if per_sample else None)
+        mods = jnp.split(mods, 6, axis=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         a = self.attn(modulate(self.norm1(h), shift_msa, scale_msa), (cos, sin))
         h = h + gate_msa.astype(stream) * a.astype(stream)

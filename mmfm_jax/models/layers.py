@@ -13,7 +13,7 @@ off so the same module builds without a mesh).
 
 Precision mirrors torch autocast, which upstream trains and samples under: `dtype` (float32
 or bfloat16) is the dtype of matmul and attention *operands* and of what `Linear` returns
-(autocast's linear outputs are bfloat16), accumulated in float32 (`preferred_element_type`).
+(autocast's linear outputs are bfloat16), accumulated in float32.
 Everything else follows the dtype of the stream it is given: RMSNorm, RoPE, the SwiGLU
 gate, adaLN modulation and softmax run in float32 when the caller's residual stream is
 float32 (DiTDH's "bfloat16" policy, the RAE's encoder and decoder), and in bfloat16 only
@@ -217,14 +217,16 @@ class Attention(nnx.Module):
             return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return tuple(p(x).reshape(b, n, *heads) for p in (self.query, self.key, self.value))
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None
-                 ) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None, *,
+                 out_dtype=None) -> jax.Array:
+        """`out_dtype`: that of the output projection (`Linear`'s)."""
         b, n, d = x.shape
         q, k, v = self._qkv(x)
         if rope is not None:
             q, k = (apply_rope(a.astype(x.dtype), *rope).astype(v.dtype) for a in (q, k))
         o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-        return (self.proj if self.fused_qkv else self.out)(o.reshape(b, n, d))
+        return (self.proj if self.fused_qkv else self.out)(o.reshape(b, n, d),
+                                                           out_dtype=out_dtype)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -236,8 +238,8 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 class TimestepEmbedder(nnx.Module):
     """Gaussian-Fourier features of the raw (shifted) t with the checkpoint's frozen W,
-    then Linear -> SiLU -> Linear. arg = ((t W) 2) pi in float32, features [sin | cos]; the
-    SiLU runs on the float32 accumulator and the result is a `dtype` Linear output."""
+    then Linear -> SiLU -> Linear. arg = ((t W) 2) pi in float32, features [sin | cos]; both
+    Linears return their float32 accumulators (one row per sample: no cost)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, num_freqs: int = 256, dtype=jnp.float32):
         self.W = Frozen(jax.random.normal(rngs.params(), (num_freqs,), jnp.float32))
@@ -249,7 +251,8 @@ class TimestepEmbedder(nnx.Module):
     def __call__(self, t: jax.Array) -> jax.Array:
         arg = ((t.astype(jnp.float32)[:, None] * self.W[...][None, :]) * 2) * jnp.float32(math.pi)
         feats = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
-        return self.mlp2(jax.nn.silu(self.mlp0(feats, out_dtype=feats.dtype)))
+        hidden = jax.nn.silu(self.mlp0(feats, out_dtype=feats.dtype))
+        return self.mlp2(hidden, out_dtype=feats.dtype)
 
 
 class LabelEmbedder(nnx.Module):

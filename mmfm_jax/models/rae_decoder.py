@@ -65,7 +65,7 @@ class RAEDecoder(nnx.Module):
         if (h, w) != cfg.grid_size or c != cfg.in_dim:
             raise ValueError(f"decoder input must be (B, {cfg.grid_size[0]}, "
                              f"{cfg.grid_size[1]}, {cfg.in_dim}), got {latents.shape}")
-        x = self.embed(latents.reshape(b, h * w, c)).astype(jnp.float32)
+        x = self.embed(latents.reshape(b, h * w, c), out_dtype=jnp.float32)
         cls = jnp.broadcast_to(self.cls_token[...], (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
         for layer in self.layers:
