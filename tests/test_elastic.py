@@ -265,3 +265,116 @@ def test_refusals_on_the_command_line_are_one_line(tmp_path, written_by_two_proc
         assert len(errors) == 1 and expected in errors[0], out[-2000:]
         assert "Traceback" not in out
         assert max(losses_by_step(run)) == 4
+
+
+# ------------------------------------------------------- the compile cache restarts share
+
+CACHE_CHILD = r'''
+import json, sys
+from mmfm_jax import compile_cache
+compile_cache.enable(sys.argv[1])
+import jax, numpy as np
+from mmfm_jax import parallel, train
+from tests.test_train import tiny_config, write_mixtures
+write_mixtures(sys.argv[2] + "/gmm")
+mesh = parallel.make_mesh({"data": 2, "fsdp": 1}, devices=jax.devices()[:2])
+trainer = train.Trainer.create(tiny_config(), sys.argv[2], mesh)
+state = trainer.init()
+before = compile_cache.stats()
+batch = {"image": np.zeros((16, 8, 8, 1), np.uint8), "label": np.zeros(16, np.int32)}
+state, metrics = trainer.step(state, batch)
+jax.block_until_ready(metrics)
+print("STATS", json.dumps({"before": before, "after": compile_cache.stats()}))
+'''
+
+
+def test_a_restarted_process_loads_the_train_step_from_the_compile_cache(tmp_path):
+    """Two processes in turn build the same tiny trainer and run one step with one cache
+    folder: the first compiles the step (a miss) and writes it, the second loads it (a hit,
+    no miss), as JAX's own cache events count them."""
+    script = tmp_path / "child.py"
+    script.write_text(CACHE_CHILD)
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMFM_", "SLURM_"))}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO)
+    runs = []
+    for i in range(2):
+        out = subprocess.run([sys.executable, str(script), str(cache), str(tmp_path / f"w{i}")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        line = [x for x in out.stdout.splitlines() if x.startswith("STATS ")][-1]
+        runs.append(json.loads(line.split(" ", 1)[1]))
+        if i == 0:
+            entries = os.listdir(cache)
+            assert entries, "the first process wrote no cache entry"
+    first, second = runs
+    assert first["after"]["misses"] > first["before"]["misses"]  # the step compiled
+    assert first["after"]["hits"] == first["before"]["hits"] == 0
+    assert second["after"]["hits"] > second["before"]["hits"] > 0  # init and step loaded
+    assert second["after"]["misses"] == second["before"]["misses"]
+    assert len(os.listdir(cache)) == len(entries)  # nothing new to write
+
+
+def test_compile_cache_folder_follows_the_config():
+    from mmfm_jax import compile_cache
+
+    assert compile_cache.resolve(compile_cache.DEFAULT, "runs/a/") == "runs/a/compile_cache"
+    assert compile_cache.resolve("gs://b/cache", "runs/a") == "gs://b/cache"
+    assert compile_cache.resolve("", "runs/a") == ""
+    cfg = tiny_config()
+    assert cfg.compile_cache == compile_cache.DEFAULT
+
+
+# ------------------------------------------------- grad_accum=-1: chosen by the memory plan
+
+def plan_model(mcfg, per_sample: float):
+    """A fitted memory model (memory_plan.MemoryModel) of `mcfg` on 8 devices, fsdp 1."""
+    from mmfm_jax import memory_plan
+
+    state, params = memory_plan.state_tables(mcfg, 8, (1,))
+    return memory_plan.MemoryModel(description="tiny", state=state, params=params,
+                                   batch_bytes=4 * (8 * 8 + 64), grad_coeff=1.0,
+                                   overhead={"none": 1e6}, per_sample={"none": per_sample})
+
+
+def test_grad_accum_auto_is_one_where_devices_report_no_memory(meshes, caplog):
+    from mmfm_jax import auto_accum, config, model_parts
+
+    cfg = tiny_config(grad_accum=-1)
+    config.validate(cfg, "train", 8)
+    with caplog.at_level("INFO"):
+        got = auto_accum.resolve_grad_accum(cfg, model_parts.model_config(cfg), meshes["8"])
+    assert got == 1 and "report no memory limit" in caplog.text
+    for bad in (0, -2, 3):
+        with pytest.raises(config.ConfigError, match="grad_accum") as err:
+            config.validate(tiny_config(grad_accum=bad), "train", 8)
+        assert "\n" not in str(err.value)
+
+
+def test_grad_accum_auto_takes_the_fewest_micro_batches_that_fit(tmp_path, meshes):
+    """Per-device batch 2: a device memory between the predictions of 1 and 2 micro-
+    batches gives grad_accum=2; one below both, and a missing memory model, are one-line
+    ConfigErrors."""
+    from mmfm_jax import auto_accum, config, memory_plan, model_parts
+
+    cfg = tiny_config(grad_accum=-1)
+    mcfg = model_parts.model_config(cfg)
+    model = plan_model(mcfg, per_sample=4e6)
+    path = tmp_path / "memory_model.json"
+    path.write_text(json.dumps(model.to_dict()))
+    one, two = (model.predict(1, "none", 2, n) for n in (1, 2))
+    assert two < one
+    cfg.train.memory_model = str(path)
+    cfg.train.device_memory_gib = (one + two) / 2 / memory_plan.DEFAULT_MARGIN / memory_plan.GIB
+    assert auto_accum.resolve_grad_accum(cfg, mcfg, meshes["8"]) == 2
+    cfg.train.device_memory_gib = two / 2 / memory_plan.GIB
+    with pytest.raises(config.ConfigError, match="nothing fits") as err:
+        auto_accum.resolve_grad_accum(cfg, mcfg, meshes["8"])
+    assert "\n" not in str(err.value)
+    cfg.train.memory_model = ""
+    with pytest.raises(config.ConfigError, match="needs config.train.memory_model"):
+        auto_accum.resolve_grad_accum(cfg, mcfg, meshes["8"])
+    cfg.train.memory_model = str(tmp_path / "missing.json")
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.validate(cfg, "train", 8)
