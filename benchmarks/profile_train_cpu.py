@@ -33,7 +33,8 @@ from mmfm_jax import bench, bench_torch, parallel  # noqa: E402
 from mmfm_jax import train as train_lib  # noqa: E402
 from mmfm_jax.files import write_json  # noqa: E402
 
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (?:\(.*?\)|\S+) ([\w\-]+)\(")
+CONTAINERS = ("while", "call", "conditional")  # their events contain their bodies' events
 CALLS = re.compile(r"calls=%?([\w.\-]+)")
 COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
@@ -109,10 +110,10 @@ def trace_ours(args) -> dict:
         for line in plane.lines:
             if "XLAEigen" in line.name:
                 eigen_threads.add(line.name)
-            if "PjRtCpuClient" not in line.name:
-                continue
+            if "PjRtCpuClient" not in line.name and "XLAEigen" not in line.name:
+                continue  # thunks run on the client thread and on the Eigen pool
             for e in line.events:
-                if e.name in opcode:
+                if e.name in opcode and opcode[e.name] not in CONTAINERS:
                     per_op[e.name] += e.duration_ns / 1e9 / args.steps
     by_cat = collections.Counter()
     for name, s in per_op.items():
@@ -143,6 +144,47 @@ def trace_torch(args) -> dict:
                         for r in rows[:args.top]]}
 
 
+# (M, K, N, transpose lhs) of the S step's largest products at batch 4 (1024 tokens): the
+# head's per-token adaLN, SwiGLU in / out and qkv, and a weight gradient X^T dY.
+MATMUL_SHAPES = ((1024, 2048, 12288, False), (1024, 2048, 10922, False),
+                 (1024, 5461, 2048, False), (1024, 2048, 6144, False),
+                 (2048, 1024, 12288, True))
+
+
+def matmul_pairs(threads: int, repeats: int = 5) -> list[dict]:
+    """Seconds of one float32 product, XLA:CPU against torch on `threads` threads,
+    interleaved call by call (medians), so that a shared machine's load hits both alike."""
+    import jax.numpy as jnp
+    import torch
+
+    torch.set_num_threads(threads)
+    rows = []
+    for m, k, n, transpose in MATMUL_SHAPES:
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((k, m) if transpose else (m, k), np.float32)
+        b = rng.standard_normal((k, n), np.float32)
+        ours = jax.jit(lambda x, y, t=transpose: jnp.dot(x.T if t else x, y,
+                                                         precision="highest"))
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        lhs = ta.T if transpose else ta
+        ours(ja, jb).block_until_ready()
+        torch.mm(lhs, tb)
+        times = {"ours": [], "torch": []}
+        for _ in range(repeats):
+            t = time.perf_counter()
+            ours(ja, jb).block_until_ready()
+            times["ours"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            torch.mm(lhs, tb)
+            times["torch"].append(time.perf_counter() - t)
+        med = {key: float(np.median(v)) for key, v in times.items()}
+        rows.append({"shape": (m, k, n), "transposed_lhs": transpose, **med,
+                     "gflops_ours": 2 * m * k * n / med["ours"] / 1e9,
+                     "gflops_torch": 2 * m * k * n / med["torch"] / 1e9})
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--size", default="S", choices=sorted(bench.SIZES))
@@ -154,11 +196,19 @@ def main(argv=None) -> dict:
     p.add_argument("--top", type=int, default=12, help="operations listed")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--matmuls-only", action="store_true",
+                   help="only the interleaved matmul comparison (seconds, not minutes)")
     args = p.parse_args(argv)
     args.dtype, args.attention, args.fsdp, args.remat, args.scan = (
         "float32", None, 1, None, None)
+    if args.matmuls_only:
+        rows = matmul_pairs(bench_torch.reference_threads(args))
+        for m in rows:
+            print(m)
+        return {"matmuls": rows}
     result = {"command": "python -m benchmarks.profile_train_cpu " + " ".join(
         sys.argv[1:] if argv is None else argv), "xla_threads": bench_torch.xla_cpu_threads(),
+        "matmuls": matmul_pairs(bench_torch.reference_threads(args)),
         "torch": trace_torch(args), "ours": trace_ours(args)}
     print(format_profile(result))
     if args.json:
@@ -178,6 +228,9 @@ def format_profile(r: dict) -> str:
         lines.append(f"  {name:<28}{s:8.3f}  {s / total:6.1%}")
     lines.append("ours, top instructions:")
     lines += [f"  {n:<40}{s:8.3f}  {c}" for n, s, c in ours["top_ops"]]
+    lines.append("float32 products, interleaved medians (GFLOP/s ours / torch):")
+    lines += [f"  {'x'.join(map(str, m['shape']))}{' (lhs^T)' if m['transposed_lhs'] else ''}"
+              f": {m['gflops_ours']:.0f} / {m['gflops_torch']:.0f}" for m in r["matmuls"]]
     lines.append("torch, top operators (self time s/step, calls/step):")
     lines += [f"  {n:<40}{s:8.3f}  {c}" for n, s, c in ref["top_ops"]]
     return "\n".join(lines)

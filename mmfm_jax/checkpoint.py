@@ -157,8 +157,8 @@ class Checkpointer:
         own = self._step_path(step, DATA_ITEM, own_name)
         try:
             position = self._saved_position(step)
-            if position is not None and hasattr(iterator, "seek"):
-                iterator.check(position)
+            if position is not None and hasattr(iterator, "check"):
+                iterator.check(position)  # a changed global batch or seed: refused here
             raw = own.read_text() if own.exists() else None
             if raw is not None and (not hasattr(iterator, "accepts_state")
                                     or iterator.accepts_state(raw)):

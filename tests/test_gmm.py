@@ -238,6 +238,7 @@ def test_bench_stream_memmap_and_projection(tmp_path):
                                    path=str(tmp_path / "x.npy"), print_fn=lambda s: None)
     assert r["seconds_per_iteration"] > 0 and len(r["iteration_seconds"]) == 3
     assert r["peak_rss_bytes"] >= r["peak_rss_bytes_before_fit"] > 0
+    assert r["peak_anon_rss_bytes"] >= r["anon_rss_bytes_before_fit"] > 0
     assert r["projection"].startswith("pending")
     gpu = {"settings": {"n": 131072, "k": 8192, "d": 768}, "rows": [{"seconds": 2.0}],
            "environment": {"device_kind": "NVIDIA H100"}}

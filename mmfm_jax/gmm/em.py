@@ -84,16 +84,16 @@ class _Data:
     """The fit data as centred, padded, sharded device chunks of `chunk_size` rows: uploaded
     once and kept on the devices, or, when streaming, re-read from the host array or the
     callable on every pass (then memory is bounded by the chunk, not N). Each chunk is
-    padded to whole E-step blocks of `block` rows (a multiple of the mesh's batch shards;
-    the E-step holds a block x K responsibility matrix per device)."""
+    padded to whole E-step blocks: `block` rows per device (the E-step holds a block x K
+    responsibility matrix per device), `self.block` = that times the batch shards."""
 
     def __init__(self, x, chunk_size: int, mesh: Mesh | None, stream: bool = False,
                  block: int | None = None):
         self.mesh = mesh
         shards = parallel.num_batch_shards(mesh) if mesh is not None else 1
-        block = chunk_size if block is None else min(block, chunk_size)
-        self.block = parallel.round_up(max(block, 1), shards)
-        self.block_local = self.block // shards
+        per_device = parallel.round_up(chunk_size, shards) // shards
+        self.block_local = max(1, per_device if block is None else min(block, per_device))
+        self.block = self.block_local * shards
         self.source = x if callable(x) else None
         self.array = None if callable(x) else x
         if self.array is not None and np.ndim(self.array) != 2:
@@ -553,8 +553,8 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     x: (N, D) array (host or device), or a callable returning a fresh iterable of (n, D)
     chunks on every call (always streamed). Chunks of `chunk_size` rows (default 2^28 / K:
     100 MB of float32 rows at K 8192, D 768) are the unit of upload and streaming; inside
-    one jitted call a chunk is scanned in E-step blocks of `block_rows` (default
-    `_default_block`). An array is uploaded once and kept on the devices, unless
+    one jitted call each device scans its share of a chunk in E-step blocks of `block_rows`
+    rows (default `_default_block`). An array is uploaded once and kept on the devices, unless
     `stream=True` re-reads it from the host on every pass (data larger than device memory;
     a memory map works). With `mesh`, rows are split over the mesh's batch axes and the
     statistics reduced across devices once per chunk. Computation runs in the data's dtype

@@ -18,7 +18,7 @@ query/key/value/out) are the ones every network shares (`layers.py`).
 Precision (`dtype` bfloat16) mirrors torch autocast, as upstream encodes its GMM data:
 bfloat16 matmul and attention operands with float32 accumulation; the residual stream,
 LayerNorms, LayerScale and GELU stay float32. The frozen encoder and decoder only run
-forward, so their Linears hand back the float32 accumulator (`out_dtype`), unrounded; only
+forward, so their Linears hand back the float32 accumulator (`accumulator`); only
 the operands of the next matmul (and q, k, v) are bfloat16.
 """
 
@@ -72,11 +72,10 @@ class TransformerBlock(nnx.Module):
         self.ls2 = param(jnp.ones((d,)), ("embed",)) if layer_scale else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        a = self.attn(self.norm1(x), out_dtype=jnp.float32)
+        a = self.attn(self.norm1(x), accumulator=True)
         x = x + (a * self.ls1[...] if self.ls1 is not None else a)
-        hidden = self.fc1(self.norm2(x), out_dtype=jnp.float32)
-        m = self.fc2(jax.nn.gelu(hidden, approximate=self.gelu_approximate),
-                     out_dtype=jnp.float32)
+        hidden = self.fc1(self.norm2(x), accumulator=True)
+        m = self.fc2(jax.nn.gelu(hidden, approximate=self.gelu_approximate), accumulator=True)
         return x + (m * self.ls2[...] if self.ls2 is not None else m)
 
 

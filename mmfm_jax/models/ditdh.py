@@ -244,20 +244,17 @@ class DDTBlock(nnx.Module):
                                        init="zeros", dtype=dtype)
 
     def __call__(self, h: jax.Array, cond: jax.Array, cos: jax.Array, sin: jax.Array):
-        """h (B, N, D) in the stream dtype, returned in it: the norms, modulation, RoPE and
-        gated residual adds run there; the (bfloat16) Linear outputs are widened first. A
-        per-sample condition (B, 1, D), the encoder's, gets its modulation unrounded: one
-        token's matmul costs nothing and its rounding would repeat over every token."""
+        """h (B, N, D) in the stream dtype, returned in it: the Linears return it (their
+        products rounded once to the operand dtype), the norms, modulation, RoPE and gated
+        residual adds run in it. A per-sample condition (B, 1, D), the encoder's, gets its
+        modulation unrounded: one token's matmul costs nothing and its rounding would
+        repeat over every token."""
         stream = h.dtype
-        per_sample = cond.shape[1] == 1
-        mods = self.adaLN_modulation(jax.nn.silu(cond.astype(stream)),
-                                     out_dtype=stream if per_sample else None)
-        mods = jnp.split(mods, 6, axis=-1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        a = self.attn(modulate(self.norm1(h), shift_msa, scale_msa), (cos, sin))
-        h = h + gate_msa.astype(stream) * a.astype(stream)
-        m = self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
-        return h + gate_mlp.astype(stream) * m.astype(stream)
+        mods = self.adaLN_modulation(jax.nn.silu(cond.astype(stream)), out_dtype=stream,
+                                     accumulator=cond.shape[1] == 1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, -1)
+        h = h + gate_msa * self.attn(modulate(self.norm1(h), shift_msa, scale_msa), (cos, sin))
+        return h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nnx.Module):
@@ -271,11 +268,12 @@ class FinalLayer(nnx.Module):
                              init="zeros", dtype=dtype)
 
     def __call__(self, h: jax.Array, s: jax.Array) -> jax.Array:
-        """The velocity in h's (stream) dtype: the last Linear's accumulator is not rounded
-        to the operand dtype (autocast's would be: bfloat16)."""
-        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(s.astype(h.dtype))), 2,
-                                 axis=-1)
-        return self.linear(modulate(self.norm_final(h), shift, scale), out_dtype=h.dtype)
+        """The velocity in h's (stream) dtype: the last Linear's float32 accumulator, not
+        rounded to the operand dtype (autocast's would be: bfloat16)."""
+        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(s.astype(h.dtype)),
+                                                       out_dtype=h.dtype), 2, axis=-1)
+        return self.linear(modulate(self.norm_final(h), shift, scale), out_dtype=h.dtype,
+                           accumulator=True)
 
 
 class RoPE(nnx.Module):
@@ -350,14 +348,14 @@ class DiTDH(nnx.Module):
         cond = temb + self.y_embedder(y).astype(st) if cfg.use_y_conditioning else temb
         cond = jax.nn.silu(cond)[:, None, :]
 
-        s = self.s_embedder(tok).astype(st) + self.pos_embed[...].astype(st)
+        s = self.s_embedder(tok, out_dtype=st) + self.pos_embed[...].astype(st)
         enc_cos, enc_sin = self.enc_feat_rope.freqs_cos[...], self.enc_feat_rope.freqs_sin[...]
         s = self._run_blocks("encoder", s, cond, enc_cos, enc_sin)
         s = jax.nn.silu(temb[:, None, :] + s)
         if self.s_projector is not None:
-            s = self.s_projector(s).astype(st)
+            s = self.s_projector(s, out_dtype=st)
 
-        h = self.x_embedder(tok).astype(st)  # the head stream: float32 too (autocast: bf16)
+        h = self.x_embedder(tok, out_dtype=st)  # the head stream: float32 too (autocast: bf16)
         dec_cos, dec_sin = self.dec_feat_rope.freqs_cos[...], self.dec_feat_rope.freqs_sin[...]
         h = self._run_blocks("head", h, s, dec_cos, dec_sin)
         out = self.final_layer(h, s)

@@ -12,13 +12,14 @@ metadata, mapped to mesh axes by `mmfm_jax.parallel.LOGICAL_AXIS_RULES`; eager s
 off so the same module builds without a mesh).
 
 Precision mirrors torch autocast, which upstream trains and samples under: `dtype` (float32
-or bfloat16) is the dtype of matmul and attention *operands* and of what `Linear` returns
-(autocast's linear outputs are bfloat16), accumulated in float32.
-Everything else follows the dtype of the stream it is given: RMSNorm, RoPE, the SwiGLU
-gate, adaLN modulation and softmax run in float32 when the caller's residual stream is
-float32 (DiTDH's "bfloat16" policy, the RAE's encoder and decoder), and in bfloat16 only
-when the caller casts its stream to bfloat16 (DiTDH's "bfloat16_all"). The float32 path is
-unchanged by the policy: with float32 operands every step is the float32 computation.
+or bfloat16) is the dtype of matmul and attention *operands*; products accumulate in
+float32 and are rounded once to `dtype`, as autocast's linear outputs are. Everything else
+runs in the dtype of the stream the caller hands in: the Linears inside SwiGLU and
+Attention return it (bias added there, no second rounding), and RMSNorm, RoPE, the SwiGLU
+gate, adaLN modulation and softmax run in float32 when the residual stream is float32
+(DiTDH's "bfloat16" policy, the RAE's encoder and decoder), in bfloat16 only when the
+caller casts its stream to bfloat16 (DiTDH's "bfloat16_all"). With float32 operands every
+step is the float32 computation, unchanged.
 """
 
 from __future__ import annotations
@@ -95,16 +96,17 @@ def _linear_init(init: str, keys: KeyFn, d_in: int, d_out: int) -> tuple[jax.Arr
 
 
 class Linear(nnx.Module):
-    """y = x W + b with W (in, out) float32 and operands cast to `dtype`; returns `dtype`
-    (autocast's linear output), or `out_dtype` where a caller needs the float32 result.
+    """y = x W + b with W (in, out) float32 and the operands cast to `dtype`.
 
-    The products accumulate in float32 on every backend (the MXU, cuBLAS, XLA:CPU); a
-    bfloat16 product is returned by the dot itself and the bias added in float32, so the
-    backward dots take bfloat16 cotangents as autocast's do. Asking the dot for its
-    float32 accumulator (`preferred_element_type`) everywhere would make every backward
-    dot a float32 x bfloat16 one, run in float32 (measured ~1.5x slower train steps on
-    CPU); it is done only for a float32 `out_dtype` (DiTDH's velocity, the decoder's
-    pixels: small layers whose unrounded output is the network's output).
+    The products accumulate in float32 on every backend (the MXU, cuBLAS, XLA:CPU). The dot
+    returns them rounded once to `dtype`, as autocast's linear does, and the bias is added
+    in float32; the result is `dtype`, or `out_dtype` (float32: a caller that computes on
+    in float32 gets no second rounding). The dot's own output stays `dtype` so that the
+    backward dots take `dtype` cotangents, as autocast's do. `accumulator=True` returns the
+    unrounded float32 accumulator (`preferred_element_type`) instead, for layers that only
+    run forward (the frozen RAE) or are tiny: their backward dots would be float32 x
+    bfloat16, computed in float32 (measured ~1.5x slower train steps on CPU).
+
     `axes` are the logical names of W's (in, out) dims (b takes the second); None leaves
     both unannotated (replicated). `init` selects upstream's initialiser: "torch"
     (PyTorch's default Linear), "zeros" (DiTDH's adaLN and final layers), "xavier" (1x1
@@ -121,13 +123,13 @@ class Linear(nnx.Module):
         self.bias = param(bias, None if axes is None else axes[1:])
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
-        out_dtype = jnp.dtype(out_dtype or self.dtype)
+    def __call__(self, x: jax.Array, *, out_dtype=None, accumulator: bool = False
+                 ) -> jax.Array:
         accumulate = jnp.promote_types(self.dtype, jnp.float32)
-        wide = out_dtype == accumulate  # the float32 accumulator itself
         y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                       preferred_element_type=accumulate if wide else None)
-        return (y.astype(accumulate) + self.bias[...].astype(accumulate)).astype(out_dtype)
+                       preferred_element_type=accumulate if accumulator else None)
+        y = y.astype(accumulate) + self.bias[...].astype(accumulate)
+        return y.astype(out_dtype or (accumulate if accumulator else self.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -161,10 +163,10 @@ class SwiGLU(nnx.Module):
         self.w3 = Linear(hidden, dim, axes=("mlp", "embed"), keys=rngs.params, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """The gate SiLU(a) * b runs in x's (the stream's) dtype and is rounded once, as
-        w3's operand."""
-        a, b = jnp.split(self.w12(x), 2, axis=-1)
-        return self.w3(jax.nn.silu(a.astype(x.dtype)) * b.astype(x.dtype))
+        """In x's (the stream's) dtype: both Linears return it, the gate SiLU(a) * b runs
+        in it and is rounded once, as w3's operand."""
+        a, b = jnp.split(self.w12(x, out_dtype=x.dtype), 2, axis=-1)
+        return self.w3(jax.nn.silu(a) * b, out_dtype=x.dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -188,7 +190,7 @@ class Attention(nnx.Module):
     upstream multiplies the bfloat16 q, k by float32 tables). q, k, v then enter
     `jax.nn.dot_product_attention` in `dtype` (float32 logits and softmax, bfloat16
     probabilities and output, as torch's bfloat16 SDPA); `implementation` is passed to it
-    (None, "xla" or "cudnn").
+    (None, "xla" or "cudnn"). The output projection returns x's dtype.
     """
 
     def __init__(self, dim: int, num_heads: int, *, keys: KeyFn, fused_qkv: bool,
@@ -208,25 +210,33 @@ class Attention(nnx.Module):
             self.value = Linear(dim, dim, axes=("embed", "heads"), **kw)
             self.out = Linear(dim, dim, axes=("heads", "embed"), **kw)
 
-    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q, k, v as (B, N, H, hd)."""
+    @property
+    def qkv_dtype(self):
+        """The attention operands' dtype: the projections' `dtype`."""
+        return (self.qkv if self.fused_qkv else self.query).dtype
+
+    def _qkv(self, x: jax.Array, accumulator: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v as (B, N, H, hd) in x's dtype."""
         b, n, d = x.shape
         heads = (self.num_heads, d // self.num_heads)
+        kw = dict(out_dtype=x.dtype, accumulator=accumulator)
         if self.fused_qkv:
-            qkv = self.qkv(x).reshape(b, n, 3, *heads)
+            qkv = self.qkv(x, **kw).reshape(b, n, 3, *heads)
             return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        return tuple(p(x).reshape(b, n, *heads) for p in (self.query, self.key, self.value))
+        return tuple(p(x, **kw).reshape(b, n, *heads)
+                     for p in (self.query, self.key, self.value))
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None, *,
-                 out_dtype=None) -> jax.Array:
-        """`out_dtype`: that of the output projection (`Linear`'s)."""
+                 accumulator: bool = False) -> jax.Array:
+        """Returns x's (the stream's) dtype; `accumulator` as `Linear`'s."""
         b, n, d = x.shape
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, accumulator)
         if rope is not None:
-            q, k = (apply_rope(a.astype(x.dtype), *rope).astype(v.dtype) for a in (q, k))
+            q, k = (apply_rope(a, *rope) for a in (q, k))
+        q, k, v = (a.astype(self.qkv_dtype) for a in (q, k, v))
         o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-        return (self.proj if self.fused_qkv else self.out)(o.reshape(b, n, d),
-                                                           out_dtype=out_dtype)
+        return (self.proj if self.fused_qkv else self.out)(
+            o.reshape(b, n, d), out_dtype=x.dtype, accumulator=accumulator)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -251,8 +261,7 @@ class TimestepEmbedder(nnx.Module):
     def __call__(self, t: jax.Array) -> jax.Array:
         arg = ((t.astype(jnp.float32)[:, None] * self.W[...][None, :]) * 2) * jnp.float32(math.pi)
         feats = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
-        hidden = jax.nn.silu(self.mlp0(feats, out_dtype=feats.dtype))
-        return self.mlp2(hidden, out_dtype=feats.dtype)
+        return self.mlp2(jax.nn.silu(self.mlp0(feats, accumulator=True)), accumulator=True)
 
 
 class LabelEmbedder(nnx.Module):

@@ -65,12 +65,12 @@ class RAEDecoder(nnx.Module):
         if (h, w) != cfg.grid_size or c != cfg.in_dim:
             raise ValueError(f"decoder input must be (B, {cfg.grid_size[0]}, "
                              f"{cfg.grid_size[1]}, {cfg.in_dim}), got {latents.shape}")
-        x = self.embed(latents.reshape(b, h * w, c), out_dtype=jnp.float32)
+        x = self.embed(latents.reshape(b, h * w, c), accumulator=True)
         cls = jnp.broadcast_to(self.cls_token[...], (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
         for layer in self.layers:
             x = layer(x)
-        x = self.pred(self.norm(x), out_dtype=jnp.float32)[:, 1:]
+        x = self.pred(self.norm(x), accumulator=True)[:, 1:]
         p, ch = cfg.patch_size, cfg.num_channels
         x = x.reshape(b, h, w, p, p, ch).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h * p, w * p, ch)
