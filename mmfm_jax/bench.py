@@ -682,6 +682,8 @@ def report(paths: list[str]) -> str:
             device += f" ({env.get('host_cpu')}, {env['host_cpus']} cores)"
         setting = ", ".join(f"{k} {st[k]}" for k in REPORT_SETTINGS if st.get(k) is not None)
         for row in r["rows"]:
+            if "name" not in row:  # compile / plan results have no timed rows
+                continue
             name = row["name"] + (f" ({row['threads']} threads)" if row.get("threads") else "")
             lines.append(f"| {r['benchmark']} | {device} | {setting} | {name} | "
                          f"{cell(row.get('seconds'), '{:.4g}')} | "
@@ -728,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="the jitted train step")
     model(tr, "8")
-    tr.add_argument("--remat", nargs="?", const="full", default=None, choices=REMAT_NAMES,
+    tr.add_argument("--remat", nargs="?", const=True, default=None, choices=REMAT_NAMES,
                     help="rematerialise every block (bare: full; or a jax.checkpoint_policies "
                     "name where the model has policies)")
     tr.add_argument("--probe-batch", type=int, default=32,

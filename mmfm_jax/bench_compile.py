@@ -99,12 +99,14 @@ def remat_choices() -> tuple[str, ...]:
     return ("none", "full")
 
 
-def model_option_values(*, remat: str | None = None, scan: bool | None = None) -> dict:
+def model_option_values(*, remat: str | bool | None = None, scan: bool | None = None) -> dict:
     """{remat, scan_blocks} for DiTDHConfig / config.model from --remat / --scan, in the form
-    the model takes (remat as a bool until policies exist); only the options given.
-    One-line error for what this model cannot do."""
+    the model takes (a bool stays a bool: True is full remat in every version of the
+    model); only the options given. One-line error for what this model cannot do."""
     supported, out = model_options_supported(), {}
-    if remat is not None:
+    if isinstance(remat, bool):
+        out["remat"] = remat
+    elif remat is not None:
         if not supported["remat_policies"] and remat not in ("none", "full"):
             raise CompileError(f"bench: --remat {remat}: this DiTDH has only remat on/off "
                                "(none | full)")
@@ -129,16 +131,20 @@ def remat_name(mcfg) -> str:
     """The model's remat setting as a policy name (none | full | a checkpoint policy)."""
     if hasattr(mcfg, "remat_policy"):
         return mcfg.remat_policy
-    value = mcfg.remat
-    if isinstance(value, bool):
+    return remat_label(mcfg.remat)
+
+
+def remat_label(value: str | bool | None) -> str:
+    """A remat option as a policy name: True -> full, False / None -> none."""
+    if isinstance(value, bool) or value is None:
         return "full" if value else "none"
-    return str(value or "none")
+    return str(value)
 
 
 def check_options_applied(mcfg, *, remat: str | None, scan: bool | None) -> None:
     """The model the trainer built must carry the requested options (config pass-through)."""
-    if remat is not None and remat_name(mcfg) != remat:
-        raise CompileError(f"bench: --remat {remat} did not reach the model (it has "
+    if remat is not None and remat_name(mcfg) != remat_label(remat):
+        raise CompileError(f"bench: --remat {remat_label(remat)} did not reach the model (it has "
                            f"{remat_name(mcfg)}): model_parts.model_config must pass "
                            "config.model.remat through")
     if scan is not None and bool(getattr(mcfg, "scan_blocks", False)) != scan:

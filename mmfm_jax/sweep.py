@@ -136,17 +136,29 @@ def run_point(parts, scorer: FidScorer, cfg_point, point_dir: epath.Path, mesh,
     return result
 
 
-def sweep_stage(cfg, workdir: str, mesh) -> dict:
-    """`--stage=sweep`: every point, then sweep.json, the console table and sweep.png."""
+def check_inputs(cfg) -> None:
+    """The sweep's paths besides the eval job's: the RAE (decoder) and the guide."""
     if cfg.sample.guidance == "none":
         raise ConfigError("config.sample.guidance='none' has no scale to sweep; pass "
                           "--config.sample.guidance=cfg or autoguidance")
+    needed = [("rae.path", cfg.rae.path, cfg.rae.kind == "dinov2", "the converted RAE "
+               "(its decoder)"), ("sample.guide_path", cfg.sample.guide_path,
+                                  cfg.sample.guidance == "autoguidance", "the DiTDH-S guide")]
+    for key, value, required, what in needed:
+        if required and (not value or ("://" not in value and not os.path.exists(value))):
+            raise ConfigError(f"config.{key}={value!r}: {what} is needed by --stage=sweep; "
+                              f"pass --config.{key}=DIR (a `python -m convert` output)")
+    require_eval_paths(cfg, "--stage=sweep")
+
+
+def sweep_stage(cfg, workdir: str, mesh) -> dict:
+    """`--stage=sweep`: every point, then sweep.json, the console table and sweep.png."""
+    check_inputs(cfg)
     scales = parse_scales(cfg.sweep.scales)
     intervals = parse_intervals(cfg.sweep.intervals, cfg.sample.guidance_interval)
     if int(cfg.sweep.num_samples) < 2:
         raise ConfigError(f"config.sweep.num_samples={cfg.sweep.num_samples}: FID needs at "
                           "least 2 samples")
-    require_eval_paths(cfg, "--stage=sweep")
     parts = sample_job.SamplingParts.load(cfg, workdir, mesh)
     source = model_source(cfg, workdir)
     scorer = FidScorer.from_config(cfg, mesh, "--stage=sweep")

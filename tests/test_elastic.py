@@ -3,7 +3,9 @@ devices -> 1 x 8 and 1 x 4, 8 devices -> 4) with the losses of the uninterrupted
 reduction-order rounding, <= 1e-6 relative); the state lands on the new mesh's shardings;
 the data stream is rebuilt from its process-independent position; what cannot resume (a
 changed global batch, a device count that does not divide it, an older per-process data
-state on another topology) says so in one line."""
+state on another topology) says so in one line. Also what a restarted or reshaped run
+relies on besides: the persistent compile cache a restart loads its train step from, and
+grad_accum=-1 planned for the mesh at hand."""
 
 import json
 import os

@@ -4,13 +4,13 @@ Training (`make_train_loader`): one global shuffle per epoch (IndexSampler, resh
 epoch); process p of n reads the p-th contiguous block of every global batch (whichever
 worker reads it: `FlipSampler`), so the processes see disjoint parts of each epoch and
 together the whole of it, and the global batches do not depend on the process or worker
-count. Images are read, decoded and
-cropped in grain's read threads (and worker processes), unreadable ones are dropped and
-counted, and each record is flipped by an RNG keyed on (seed, record key, epoch). Batches
-are host-local: `global_batch / process_count` rows; `parallel.host_to_global` makes them
-global arrays. The iterator's state (`get_state`/`set_state`, or orbax with
-`grain.checkpoint.CheckpointSave/CheckpointRestore`) resumes the exact stream on the same
-processes and workers; `position()` / `seek()` (`data/position.py`) resume it on any.
+count. Images are read, decoded and cropped in grain's read threads (and worker
+processes), unreadable ones are dropped and counted, and each record is flipped by an RNG
+keyed on (seed, record key, epoch). Batches are host-local: `global_batch / process_count`
+rows; `parallel.host_to_global` makes them global arrays. The iterator's state
+(`get_state`/`set_state`, or orbax with `grain.checkpoint.CheckpointSave/CheckpointRestore`)
+resumes the exact stream on the same processes and workers; `position()` / `seek()`
+(`data/position.py`) resume it on any.
 
 Evaluation (`make_eval_loader`): every record once, in order, no flip; global batch s holds
 records [s*B, (s+1)*B), process p its p-th slice; the tail is padded and masked.
