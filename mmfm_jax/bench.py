@@ -425,13 +425,6 @@ PLAN_TARGETS = (("8 x H100 80GB", 8, 80.0), ("8 x H200 141GB (140 GiB)", 8, 140.
 MEMORY_MODEL_DIR = bench_torch.REFERENCE.parent  # benchmarks/ of the checkout
 
 
-def _memory_key(args, mcfg: DiTDHConfig) -> str:
-    return (f"DiTDH-{args.size} {mcfg.compute_dtype} latents {mcfg.input_size}x"
-            f"{mcfg.input_size}x{mcfg.in_channels} classes {mcfg.num_classes} "
-            f"scan {bool(getattr(mcfg, 'scan_blocks', False))} attention "
-            f"{mcfg.attention_impl or 'default'}")
-
-
 def _default_model_json(args) -> str:
     scan = "_scan" if args.scan else ""
     return str(MEMORY_MODEL_DIR / f"memory_model_{args.size}_{args.dtype}{scan}.json")
@@ -442,7 +435,8 @@ def memory_model(args, cfg) -> memory_plan.MemoryModel:
     it was fitted for the same configuration, else (or with --fit) fitted now from
     ahead-of-time compiles on 8 CPU devices and written there."""
     mcfg = train_lib.model_config(cfg)
-    key, path = _memory_key(args, mcfg), args.model_json or _default_model_json(args)
+    key = memory_plan.model_key(args.size, mcfg)
+    path = args.model_json or _default_model_json(args)
     if not args.fit and os.path.exists(path):
         model = memory_plan.load_model(path)
         if model.description == key:
@@ -704,29 +698,34 @@ def _batch(value: str):
     return n
 
 
+def _common_args(sp, steps: int, warmup: int = 1) -> None:
+    """--json, --steps, --warmup, --peak-tflops of every timed benchmark."""
+    sp.add_argument("--json", help="write the result here")
+    sp.add_argument("--steps", type=int, default=steps, help="timed iterations")
+    sp.add_argument("--warmup", type=int, default=warmup, help="untimed iterations")
+    sp.add_argument("--peak-tflops", type=float, default=None,
+                    help="per-device peak for MFU (default: by device kind)")
+
+
+def _timed_model_args(sp, batch: str) -> None:
+    """The DiTDH train / sample options."""
+    _model_shape_args(sp, "S")
+    sp.add_argument("--batch", type=_batch, default=batch, help="global batch")
+    sp.add_argument("--fsdp", type=int, default=1, help="FSDP mesh axis size")
+    sp.add_argument("--no-donate", action="store_true", help="do not donate the state")
+    sp.add_argument("--vs-torch", action="store_true",
+                    help="also time the PyTorch reference (benchmarks/torch_ditdh.py)")
+    sp.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads for the reference (default: the "
+                    "threads XLA:CPU uses, so both get the same cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench",
                                 description=__doc__.strip().splitlines()[0])
     sub = p.add_subparsers(dest="benchmark", required=True)
-    shape = _model_shape_args
 
-    def common(sp, steps: int, warmup: int = 1):
-        sp.add_argument("--json", help="write the result here")
-        sp.add_argument("--steps", type=int, default=steps, help="timed iterations")
-        sp.add_argument("--warmup", type=int, default=warmup, help="untimed iterations")
-        sp.add_argument("--peak-tflops", type=float, default=None,
-                        help="per-device peak for MFU (default: by device kind)")
-
-    def model(sp, batch: str):
-        shape(sp, "S")
-        sp.add_argument("--batch", type=_batch, default=batch, help="global batch")
-        sp.add_argument("--fsdp", type=int, default=1, help="FSDP mesh axis size")
-        sp.add_argument("--no-donate", action="store_true", help="do not donate the state")
-        sp.add_argument("--vs-torch", action="store_true",
-                        help="also time the PyTorch reference (benchmarks/torch_ditdh.py)")
-        sp.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads for the reference (default: the "
-                        "threads XLA:CPU uses, so both get the same cores)")
+    common, model = _common_args, _timed_model_args
 
     tr = sub.add_parser("train", help="the jitted train step")
     model(tr, "8")

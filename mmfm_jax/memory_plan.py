@@ -168,6 +168,16 @@ class MemoryModel:
         return cls(**d)
 
 
+def model_key(size: str, mcfg) -> str:
+    """What a MemoryModel was fitted for (its `description`): the size name, compute
+    dtype, latent shape, classes, scanned blocks and attention; a model fitted for another
+    key does not describe this one."""
+    return (f"DiTDH-{size} {mcfg.compute_dtype} latents {mcfg.input_size}x"
+            f"{mcfg.input_size}x{mcfg.in_channels} classes {mcfg.num_classes} "
+            f"scan {bool(getattr(mcfg, 'scan_blocks', False))} attention "
+            f"{mcfg.attention_impl or 'default'}")
+
+
 def load_model(path: str) -> MemoryModel:
     """A MemoryModel written by `bench plan --fit --model-json` (one-line error if bad)."""
     try:

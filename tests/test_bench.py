@@ -198,7 +198,7 @@ def test_plan_from_a_fitted_model(tmp_path, capsys):
     mcfg = train_lib.model_config(cfg)
     state, params = memory_plan.state_tables(mcfg, 8, (1, 2, 4, 8))
     model = memory_plan.MemoryModel(
-        description=bench._memory_key(args, mcfg), state=state, params=params,
+        description=memory_plan.model_key(args.size, mcfg), state=state, params=params,
         batch_bytes=4 * (4 * 4 * 8 + 8), grad_coeff=1.0, overhead={"none": 1e6, "full": 1e6},
         per_sample={"none": 1e6, "full": 2e5})
     path = tmp_path / "model.json"
