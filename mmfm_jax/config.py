@@ -6,6 +6,7 @@ import ml_collections
 
 from mmfm_jax import parallel
 from mmfm_jax.files import write_json
+from mmfm_jax.models import ditdh
 
 STAGES = ("all", "fit_gmm", "train", "sample", "eval", "sweep")
 
@@ -39,6 +40,16 @@ def validate(cfg: ml_collections.ConfigDict, stage: str, num_devices: int) -> No
     if cfg.sample.guidance not in ("none", "autoguidance", "cfg"):
         raise ConfigError(f"config.sample.guidance={cfg.sample.guidance!r}; "
                           "use 'none', 'autoguidance' or 'cfg'")
+    policies = tuple(ditdh.COMPUTE_DTYPES)  # "bfloat16" is the autocast-like policy
+    for key, allowed in (("model.compute_dtype", policies),
+                         ("sample.compute_dtype", policies),
+                         ("rae.compute_dtype", ("float32", "bfloat16")),
+                         ("sample.state_dtype", ("float32", "bfloat16"))):
+        group, name = key.split(".")
+        value = cfg[group].get(name, allowed[0])
+        if value not in allowed:
+            raise ConfigError(f"config.{key}={value!r} is unknown; use one of "
+                              f"{', '.join(allowed)}")
     if cfg.mode_conditional and cfg.source != "gmm":
         raise ConfigError("config.mode_conditional=True needs config.source='gmm'")
     for key in ("train.batch_size", "sample.batch_size"):
@@ -62,10 +73,10 @@ def validate(cfg: ml_collections.ConfigDict, stage: str, num_devices: int) -> No
     if needs_data and cfg.data.kind == "latent_cache":
         _require_path(cfg, "data.latent_cache", "the latent cache",
                       "pass --config.data.latent_cache=DIR")
-    if cfg.rae.kind == "dinov2" and stage in ("all", "fit_gmm", "train", "sample"):
+    if cfg.rae.kind == "dinov2" and stage in ("all", "fit_gmm", "train", "sample", "sweep"):
         _require_path(cfg, "rae.path", "the converted RAE (encoder, decoder, statistics)",
                       "run `python -m convert rae ... --out DIR` and pass --config.rae.path=DIR")
-    if cfg.sample.guidance == "autoguidance" and stage in ("all", "sample"):
+    if cfg.sample.guidance == "autoguidance" and stage in ("all", "sample", "sweep"):
         _require_path(cfg, "sample.guide_path", "the DiTDH-S guide for autoguidance",
                       "run `python -m convert ditdh ...` and pass --config.sample.guide_path=DIR")
     if stage in ("all", "eval"):

@@ -130,3 +130,14 @@ def test_mesh_rules_are_config_data(tmp_path):
                        match=r"^config.mesh.rules: logical axis 'embed' maps to unknown mesh "
                              r"axis 'model'"):
         config_lib.validate(cfg, "train", 8)
+
+
+@pytest.mark.parametrize("key,value", [("model.compute_dtype", "float16"),
+                                       ("sample.state_dtype", "bf16"),
+                                       ("rae.compute_dtype", "bfloat16_all")])
+def test_unknown_precision_is_one_line(key, value):
+    cfg = _config("mode_gmm")
+    group, name = key.split(".")
+    cfg[group][name] = value
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.{key}='{value}' is unknown"):
+        config_lib.validate(cfg, "train", 1)
