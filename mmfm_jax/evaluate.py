@@ -433,6 +433,25 @@ def build_reference(images_path: str, out_path: str, inception_dir: str, *, mesh
             "evaluator": EVALUATOR, "seconds": time.perf_counter() - t0}
 
 
+def _inception_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every command that runs the Inception shares."""
+    parser.add_argument("--inception", required=True,
+                        help="directory from `python -m convert inception`")
+    parser.add_argument("--batch-size", type=int, default=250,
+                        help="global Inception batch (rounded up to the device count)")
+
+
+def _run(prog: str, job):
+    """Run `job()` after joining the process group; a bad input is one line on stderr and
+    None (the caller exits 1)."""
+    parallel.initialize_distributed()
+    try:
+        return job()
+    except EvalInputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None
+
+
 def reference_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mmfm_jax.evaluate reference",
@@ -441,25 +460,19 @@ def reference_main(argv) -> int:
                     "an npz arr_0 (used as stored); `evaluate --ref` reads the result.")
     parser.add_argument("--images", required=True, help="image folder (recursive) or npz")
     parser.add_argument("--out", required=True, help="reference npz to write")
-    parser.add_argument("--inception", required=True,
-                        help="directory from `python -m convert inception`")
+    _inception_args(parser)
     parser.add_argument("--subset", type=int, default=REFERENCE_SUBSET,
                         help="images kept as arr_0 for precision/recall (all when fewer)")
     parser.add_argument("--num-images", type=int, default=None,
                         help="use only the first N images (sorted paths / npz rows)")
     parser.add_argument("--image-size", type=int, default=256, help="crop size (folders)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset")
-    parser.add_argument("--batch-size", type=int, default=250,
-                        help="global Inception batch (rounded up to the device count)")
     args = parser.parse_args(argv)
-    parallel.initialize_distributed()
-    try:
-        summary = build_reference(args.images, args.out, args.inception,
-                                  batch_size=args.batch_size, subset=args.subset,
-                                  seed=args.seed, image_size=args.image_size,
-                                  limit=args.num_images)
-    except EvalInputError as e:
-        print(f"evaluate reference: error: {e}", file=sys.stderr)
+    summary = _run("evaluate reference", lambda: build_reference(
+        args.images, args.out, args.inception, batch_size=args.batch_size,
+        subset=args.subset, seed=args.seed, image_size=args.image_size,
+        limit=args.num_images))
+    if summary is None:
         return 1
     if jax.process_index() == 0:
         print(f"wrote {summary['reference']}: moments of {summary['num_images']} images "
@@ -483,21 +496,15 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", required=True, help=f"sample npz ({SAMPLE_LAYOUT})")
     parser.add_argument("--ref", required=True,
                         help="reference batch npz (mu/sigma[/mu_s/sigma_s] and/or arr_0)")
-    parser.add_argument("--inception", required=True,
-                        help="directory from `python -m convert inception`")
+    _inception_args(parser)
     parser.add_argument("--out", help="write the figures as JSON here")
-    parser.add_argument("--batch-size", type=int, default=250,
-                        help="global Inception batch (rounded up to the device count)")
     parser.add_argument("--fid-method", choices=("eigh", "sqrtm"), default="eigh",
                         help="Tr sqrt(S1 S2) by eigenvalues (default) or scipy sqrtm (ADM)")
     args = parser.parse_args(argv)
-    parallel.initialize_distributed()
-    try:
-        result = evaluate_samples(args.samples, args.ref, args.inception,
-                                  batch_size=args.batch_size, out_path=args.out,
-                                  fid_method=args.fid_method)
-    except EvalInputError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+    result = _run("evaluate", lambda: evaluate_samples(
+        args.samples, args.ref, args.inception, batch_size=args.batch_size,
+        out_path=args.out, fid_method=args.fid_method))
+    if result is None:
         return 1
     if jax.process_index() == 0:
         print(format_table(result), flush=True)

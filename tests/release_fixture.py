@@ -143,26 +143,32 @@ def _rae_parts(root: str) -> None:
     shutil.copyfile(os.path.join(rae, "stat.pt"), os.path.join(stats, "stat.pt"))
 
 
-def photos(n: int) -> np.ndarray:
-    """(n, 256, 256, 3) uint8: ADM centre crops of the photos bundled with skimage/sklearn."""
-    from PIL import Image
+def photo_crops(n: int) -> list[np.ndarray]:
+    """n random square crops (256 px and up) of the photos bundled with skimage/sklearn."""
     from skimage import data as skdata
     from sklearn.datasets import load_sample_images
-
-    from mmfm_jax.data.transforms import center_crop_arr
 
     sources = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(),
                *load_sample_images().images]
     rng = np.random.default_rng(0)
-    out = []
+    crops = []
     for i in range(n):
         photo = sources[i % len(sources)]
         hgt, wdt = photo.shape[:2]
         s = int(rng.integers(256, min(hgt, wdt) + 1))
         y, x = int(rng.integers(0, hgt - s + 1)), int(rng.integers(0, wdt - s + 1))
-        crop = np.ascontiguousarray(photo[y:y + s, x:x + s, :3])
-        out.append(center_crop_arr(Image.fromarray(crop), 256))
-    return np.stack(out).astype(np.uint8)
+        crops.append(np.ascontiguousarray(photo[y:y + s, x:x + s, :3]))
+    return crops
+
+
+def photos(n: int) -> np.ndarray:
+    """(n, 256, 256, 3) uint8: ADM centre crops of `photo_crops(n)`."""
+    from PIL import Image
+
+    from mmfm_jax.data.transforms import center_crop_arr
+
+    return np.stack([center_crop_arr(Image.fromarray(c), 256)
+                     for c in photo_crops(n)]).astype(np.uint8)
 
 
 def build_release(root: str) -> dict[str, str]:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,11 +20,11 @@ import numpy as np
 import pytest
 
 from mmfm_jax import checkpoint, parallel, train
+from tests.processes import CHILDREN, free_port, reap_children  # noqa: F401 (autouse)
 from tests.test_train import tiny_config, write_mixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-6
-CHILDREN: list[subprocess.Popen] = []
 
 
 def losses_by_step(workdir) -> dict[int, float]:
@@ -159,21 +158,6 @@ TRAIN_FLAGS = ["--config=configs/gaussian.py", "--stage=train", "--config.train.
                "--config.model.depth=(1,1)", "--config.model.hidden_size=(32,32)"]
 
 
-@pytest.fixture(autouse=True)
-def _reap():
-    """No child outlives its test."""
-    yield
-    while CHILDREN:
-        proc = CHILDREN.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def launch(workdir, steps: int, *, nproc: int, devices: int, cache, extra=()):

@@ -7,23 +7,19 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from convert.__main__ import main as convert_main
 from mmfm_jax import evaluate
 from mmfm_jax.data.transforms import center_crop_arr
 from tests.release_fixture import photos
-from tests.test_inception import recipe_state_dict
+from tests.test_inception import converted_recipe_inception
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """The fixture-recipe FID Inception and 8 photographs (and their npz)."""
     root = tmp_path_factory.mktemp("reference")
-    torch.save(recipe_state_dict(), root / "inception.pth")
-    assert convert_main(["inception", "--weights", str(root / "inception.pth"),
-                         "--out", str(root / "inception")]) == 0
+    converted_recipe_inception(root)
     images = photos(8)
     np.savez(root / "images.npz", arr_0=images)
     return {"root": root, "inception": str(root / "inception"), "images": images,

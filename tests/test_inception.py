@@ -44,6 +44,17 @@ def recipe_state_dict() -> dict:
     return state
 
 
+def converted_recipe_inception(root) -> str:
+    """Save the recipe weights as `root/inception.pth`, convert them with the CLI into
+    `root/inception`, and return that directory."""
+    from convert.__main__ import main as convert_main
+
+    torch.save(recipe_state_dict(), os.path.join(root, "inception.pth"))
+    assert convert_main(["inception", "--weights", os.path.join(root, "inception.pth"),
+                         "--out", os.path.join(root, "inception")]) == 0
+    return os.path.join(root, "inception")
+
+
 def convert_cli(weights: str, out: str) -> int:
     """`python -m convert inception --weights W --out D`, in process."""
     return convert_main(["inception", "--weights", weights, "--out", out])

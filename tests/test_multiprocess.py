@@ -6,21 +6,19 @@ resumes from the last checkpoint."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
-import pytest
 
 from mmfm_jax import parallel, sample_job
+from tests.processes import CHILDREN, free_port, reap_children  # noqa: F401 (autouse)
 from tests.test_sample_job import SAMPLE_N, job_sampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_S = 20  # initialize_distributed(heartbeat_s): bound on failure detection
-CHILDREN: list[subprocess.Popen] = []
 
 CHILD = r'''
 import sys
@@ -40,11 +38,6 @@ if task == "sample":
     sample_job.run_sampling(job_sampler(mesh), out, SAMPLE_N)
 '''
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def start(tmp_path, task, out, *, nproc, devices):
@@ -92,16 +85,6 @@ def test_two_processes_write_the_same_samples_as_one(tmp_path):
     # each process wrote its own rows of every batch
     assert "shard_0000000_0000004.npz" in names and "shard_0000004_0000008.npz" in names
 
-
-@pytest.fixture(autouse=True)
-def _reap():
-    """No child outlives its test."""
-    yield
-    while CHILDREN:
-        proc = CHILDREN.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 TRAIN_FLAGS = ["--config=configs/gaussian.py", "--stage=train", "--config.train.batch_size=16",

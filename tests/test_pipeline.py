@@ -11,14 +11,14 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from convert.__main__ import main as convert_main
 from mmfm_jax.data.transforms import center_crop_arr
 from mmfm_jax.gmm import io as gmm_io
 from tests.conftest import REPO, fixture_path
-from tests.test_inception import recipe_state_dict
+from tests.release_fixture import photo_crops
+from tests.test_inception import converted_recipe_inception
 
 NUM_IMAGES = 24
 METRIC_KEYS = {"step", "loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec",
@@ -39,20 +39,7 @@ TINY = {
 
 def _photos() -> list[np.ndarray]:
     """Square crops (256 px and up) of the photos bundled with scikit-image/scikit-learn."""
-    from skimage import data as skdata
-    from sklearn.datasets import load_sample_images
-
-    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(),
-              *load_sample_images().images]
-    rng = np.random.default_rng(0)
-    crops = []
-    for i in range(NUM_IMAGES):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        s = int(rng.integers(256, min(h, w) + 1))
-        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-        crops.append(np.ascontiguousarray(photo[y:y + s, x:x + s, :3]))
-    return crops
+    return photo_crops(NUM_IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +59,7 @@ def assets(tmp_path_factory):
         "--decoder", os.path.join(rae, "decoder.pt"), "--stats", os.path.join(rae, "stat.pt"),
         "--decoder-config", os.path.join(rae, "decoder_config", "config.json"),
         "--out", str(root / "rae")]) == 0
-    torch.save(recipe_state_dict(), root / "inception.pth")
-    assert convert_main(["inception", "--weights", str(root / "inception.pth"),
-                         "--out", str(root / "inception")]) == 0
+    converted_recipe_inception(root)
     return {"data.path": str(root / "train"), "rae.path": str(root / "rae"),
             "eval.inception_path": str(root / "inception"), "eval.ref_path": str(root / "ref.npz")}
 

@@ -10,14 +10,12 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
 
 from configs.gaussian import get_config
-from convert.__main__ import main as convert_main
 from mmfm_jax import config as config_lib
 from mmfm_jax import evaluate, parallel, sweep
 from mmfm_jax.models import save_ditdh
-from tests.test_inception import recipe_state_dict
+from tests.test_inception import converted_recipe_inception
 from tests.test_sample_job import tiny_model
 
 
@@ -36,9 +34,7 @@ def test_parse_scales_and_intervals():
 @pytest.fixture(scope="module")
 def sweep_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep_assets")
-    torch.save(recipe_state_dict(), root / "inception.pth")
-    assert convert_main(["inception", "--weights", str(root / "inception.pth"),
-                         "--out", str(root / "inception")]) == 0
+    converted_recipe_inception(root)
     save_ditdh(tiny_model(), str(root / "model"))
     images = np.random.default_rng(2).integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
     np.savez(root / "ref_images.npz", arr_0=images)

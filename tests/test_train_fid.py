@@ -10,14 +10,12 @@ import math
 import jax
 import numpy as np
 import pytest
-import torch
 
 from configs.mode_gmm import get_config
-from convert.__main__ import main as convert_main
 from mmfm_jax import config as config_lib
 from mmfm_jax import evaluate, metrics, parallel, sample_job, train, train_job
 from mmfm_jax.gmm.job import fit_gmm_stage
-from tests.test_inception import recipe_state_dict
+from tests.test_inception import converted_recipe_inception
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +23,7 @@ def fid_assets(tmp_path_factory):
     """{inception, ref}: the converted fixture Inception and an arr_0-only reference (so
     the reference moments come from its images, as in the eval job)."""
     root = tmp_path_factory.mktemp("fid_assets")
-    torch.save(recipe_state_dict(), root / "inception.pth")
-    assert convert_main(["inception", "--weights", str(root / "inception.pth"),
-                         "--out", str(root / "inception")]) == 0
+    converted_recipe_inception(root)
     images = np.random.default_rng(1).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
     np.savez(root / "ref.npz", arr_0=images)
     return {"inception": str(root / "inception"), "ref": str(root / "ref.npz")}
