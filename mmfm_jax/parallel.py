@@ -200,6 +200,25 @@ def replicate_unplaced(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+def constrain_batch(tree):
+    """Inside a traced program run under `jax.sharding.use_abstract_mesh` (the train step):
+    keep each leaf's leading (batch) axis split over the batch axes. A `lax.scan` over
+    stacked blocks otherwise lets XLA drop the batch sharding of its carry and all-reduce
+    whole-batch activations. Outside such a mesh, or for leaves whose leading axis does not
+    split evenly, a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return tree
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+    def constrain(x):
+        if x.ndim == 0 or x.shape[0] % shards:
+            return x
+        return jax.lax.with_sharding_constraint(
+            x, PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1))))
+    return jax.tree.map(constrain, tree)
+
+
 def host_to_global(tree, mesh: Mesh):
     """Host-local numpy batches (this process's rows) -> global arrays split over `data`.
 

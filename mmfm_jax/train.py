@@ -243,6 +243,10 @@ def make_train_step(parts: ModelParts, encoder_graphdef, tx: optax.GradientTrans
     grad_fn = jax.value_and_grad(loss_fn)
 
     def step(state: TrainState, encoder_state, mixtures, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for constrain_batch
+            return _step(state, encoder_state, mixtures, batch)
+
+    def _step(state: TrainState, encoder_state, mixtures, batch):
         key = jax.random.fold_in(state.rng, state.step)
         batch = {k: v for k, v in batch.items() if k in ("image", "latents", "cls")}
         if opts.grad_accum == 1:

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmfm_jax import parallel
+
 LAYERS_AXIS = "layers"  # logical name of the stacked axis; no rule: replicated
 # jax.checkpoint_policies entries that are policies themselves (the others are factories
 # that need names or offload targets).
@@ -100,7 +102,7 @@ def scan_modules(stack: nnx.Module, step: Callable[[nnx.Module, Any], Any], carr
     graphdef, state = nnx.split(stack)
 
     def body(c, layer_state):
-        return step(nnx.merge(graphdef, layer_state), c), None
+        return parallel.constrain_batch(step(nnx.merge(graphdef, layer_state), c)), None
 
     name = remat_name(remat)
     if name != "none":
