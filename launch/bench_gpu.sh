@@ -62,7 +62,7 @@ then
 fi
 
 BENCH=("$PY" -m mmfm_jax.bench)
-XL=(--size XL --dtype bfloat16 --attention cudnn)
+XL=(--size XL --dtype bfloat16 --attention cudnn --scan)  # the autocast-like bf16 policy, scanned blocks
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 
 # 1. DiTDH-XL train step at the largest batch that fits (XLA memory analysis of a probe).

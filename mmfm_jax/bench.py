@@ -49,7 +49,7 @@ from mmfm_jax.files import write_json
 from mmfm_jax.flow import default_shift
 from mmfm_jax.models import DiTDH, DiTDHConfig, shard_model
 from mmfm_jax.models import inception as inception_lib
-from mmfm_jax.models.ditdh import MODEL_SIZES, abstract_model
+from mmfm_jax.models.ditdh import COMPUTE_DTYPES, MODEL_SIZES, abstract_model
 
 # Named sizes plus two small ones for tests and smoke runs (encoder, head).
 SIZES = dict(MODEL_SIZES,
@@ -781,7 +781,9 @@ def _model_shape_args(sp, size: str) -> None:
     sp.add_argument("--input-size", type=int, default=16, help="latent side S")
     sp.add_argument("--channels", type=int, default=768, help="latent channels C")
     sp.add_argument("--num-classes", type=int, default=1000)
-    sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    sp.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), default="bfloat16",
+                    help="precision policy: bfloat16 follows torch autocast; bfloat16_all "
+                         "casts the streams too")
     sp.add_argument("--attention", choices=("xla", "cudnn"), default=None,
                     help="jax.nn.dot_product_attention implementation (default: JAX's)")
     sp.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
