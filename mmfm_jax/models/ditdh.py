@@ -532,7 +532,7 @@ def arrays_in_layout(model: DiTDH, arrays: Mapping[str, np.ndarray], *, source: 
     expected = scan.unstack_shapes(expected, stacks) if want else scan.stack_shapes(
         expected, stacks)
     check_keys(expected, arrays, source)
-    return scan.stack_arrays(arrays, stacks) if want else scan.unstack_arrays(arrays, stacks)
+    return scan.to_layout(arrays, stacks, stacked=want)
 
 
 def _host_arrays(model: DiTDH) -> dict[str, np.ndarray]:
@@ -554,9 +554,7 @@ def save_ditdh(model: DiTDH, out_dir: str, *, scan_blocks: bool | None = None) -
         return
     config = model.config
     if scan_blocks is not None and scan_blocks != config.scan_blocks:
-        stacks = block_stacks(config)
-        arrays = (scan.stack_arrays(arrays, stacks) if scan_blocks
-                  else scan.unstack_arrays(arrays, stacks))
+        arrays = scan.to_layout(arrays, block_stacks(config), stacked=scan_blocks)
         config = dataclasses.replace(config, scan_blocks=scan_blocks)
     save_arrays(config, arrays, out_dir)
 

@@ -189,6 +189,12 @@ def unstack_arrays(arrays: Mapping[str, Any], stacks: Sequence[LayerStack],
     return out
 
 
+def to_layout(arrays: Mapping[str, Any], stacks: Sequence[LayerStack], *, stacked: bool
+              ) -> dict[str, Any]:
+    """`arrays` in the stacked layout (`stacked`) or the per-layer one."""
+    return stack_arrays(arrays, stacks) if stacked else unstack_arrays(arrays, stacks)
+
+
 def stack_shapes(shapes: Mapping[str, tuple[int, ...]], stacks: Sequence[LayerStack]
                  ) -> dict[str, tuple[int, ...]]:
     """`stack_arrays` on {"name": shape}."""
