@@ -62,21 +62,47 @@ def test_truncated_equals_dense_over_20_iterations():
     _assert_same_fit(trunc, dense)
     info = trunc.truncation
     print(info[0], info[-1])
-    assert all(i["dense_chunks"] == 0 and i["repaired_modes"] == 0 for i in info)
+    assert all(i["pending_blocks"] == i["repaired_modes"] == 0 for i in info)
+    assert all(i["m_step"] == "truncated" for i in info)
     assert all(0 < i["flat_rows"] < 0.01 * len(x) for i in info)  # the row bound was hit
     assert all(0 < i["dropped_mass"] < 1e-7 * len(x) for i in info)  # mass really dropped
 
 
-def test_flat_rows_beyond_the_sparse_path_redo_the_chunk_densely():
-    """Heavily overlapping modes: most rows are flat, every block overflows, and the chunks
-    are recomputed densely: the fit is the dense one."""
+def test_mostly_flat_rows_are_recomputed_then_the_m_step_goes_dense():
+    """Heavily overlapping modes: most rows are flat, every block is beyond the sparse path
+    and sets its flat rows aside for the chunk's dense recomputation; after such a pass
+    the next iterations run the dense M-step. The fit is the dense one."""
     x, _ = _planted(1500, 6, 4, seed=2, spread=0.3)
     init = _init(x, 6, seed=3)
     kwargs = dict(max_iter=8, tol=0.0, init=init, chunk_size=512, block_rows=128)
     trunc = fit_diag_gmm(x, 6, **kwargs)
     dense = fit_diag_gmm(x, 6, truncate=False, **kwargs)
-    assert all(i["overflow_blocks"] > 0 and i["dense_chunks"] == 3 for i in trunc.truncation)
-    _assert_same_fit(trunc, dense, rtol=1e-6)
+    first, *later = trunc.truncation
+    print(first, later[-1])
+    assert first["pending_blocks"] == 12 and first["flat_rows"] > 750  # of 1500 rows
+    assert first["m_step"] == "truncated" and all(i["m_step"] == "dense" for i in later)
+    _assert_same_fit(trunc, dense)
+
+
+@pytest.mark.parametrize("planted", [(30,), (30, 20, 25)], ids=["one_block", "three_blocks"])
+def test_blocks_with_too_many_flat_rows_for_the_pairs_are_set_aside(planted):
+    """Flat rows planted in blocks of 128 rows, 20-30 per block (more than the sparse
+    path's block / 8 = 16): those blocks set their flat rows aside for the chunk's dense
+    recomputation, and the statistics are the dense ones."""
+    x, centres = _planted(1024, 8, 16, seed=7, spread=3.0)
+    between = (centres[0] + centres[1]) / 2  # equidistant from two modes: flat
+    rng = np.random.default_rng(8)
+    for block, rows in enumerate(planted):
+        start = 40 + 256 * block
+        x[start:start + rows] = between + rng.normal(0, 0.05, (rows, 16))
+    init = (np.full(8, 1 / 8), centres, np.ones(centres.shape))
+    kwargs = dict(max_iter=1, tol=0.0, init=init, chunk_size=1024, block_rows=128)
+    trunc = fit_diag_gmm(x, 8, **kwargs)
+    dense = fit_diag_gmm(x, 8, truncate=False, **kwargs)
+    info = trunc.truncation[0]
+    print(info)
+    assert info["pending_blocks"] == len(planted)
+    _assert_same_fit(trunc, dense)
 
 
 def test_mode_fed_only_by_dropped_mass_is_repaired(monkeypatch):
