@@ -43,17 +43,19 @@ def _assert_same_fit(trunc, dense, rtol=1e-5):
     assert max(errs.values()) < rtol, errs
 
 
-def test_truncated_equals_dense_over_20_iterations():
+@pytest.mark.parametrize("screen", [False, True], ids=["float32_estep", "bf16_screen"])
+def test_truncated_equals_dense_over_20_iterations(screen):
     """24 modes in D 64 that overlap a little (spread 1), init near the planted centres: most
     rows are peaked, a few are flat and take the sparse flat-row path. The float32 noise
     floor (two dense fits that differ only in block size) is printed and checked to sit
-    well below the 1e-5 tolerance, so the comparison can see a truncation error."""
+    well below the 1e-5 tolerance, so the comparison can see a truncation error. With the
+    bf16 screen, the rows it cannot certify are recomputed (some, not most)."""
     x, centres = _planted(4000, 24, 64, seed=0, spread=1.0, scales=(0.8, 1.2))
     rng = np.random.default_rng(1)
     init = (np.full(24, 1 / 24), centres + rng.normal(0, 0.1, centres.shape),
             np.ones(centres.shape))
     kwargs = dict(max_iter=20, tol=0.0, init=init, chunk_size=1024)
-    trunc = fit_diag_gmm(x, 24, block_rows=256, **kwargs)
+    trunc = fit_diag_gmm(x, 24, block_rows=256, screen=screen, **kwargs)
     dense = fit_diag_gmm(x, 24, truncate=False, block_rows=256, **kwargs)
     other_blocks = fit_diag_gmm(x, 24, truncate=False, block_rows=128, **kwargs)
     assert trunc.n_iter == dense.n_iter == 20
@@ -63,7 +65,9 @@ def test_truncated_equals_dense_over_20_iterations():
     info = trunc.truncation
     print(info[0], info[-1])
     assert all(i["pending_blocks"] == i["repaired_modes"] == 0 for i in info)
-    assert all(i["m_step"] == "truncated" for i in info)
+    assert all(i["m_step"] == ("screened" if screen else "truncated") for i in info)
+    recomputed = [i["recomputed_rows"] for i in info]
+    assert all(0 < r < 0.1 * len(x) for r in recomputed) if screen else not any(recomputed)
     assert all(0 < i["flat_rows"] < 0.01 * len(x) for i in info)  # the row bound was hit
     assert all(0 < i["dropped_mass"] < 1e-7 * len(x) for i in info)  # mass really dropped
 
@@ -75,7 +79,7 @@ def test_mostly_flat_rows_are_recomputed_then_the_m_step_goes_dense():
     x, _ = _planted(1500, 6, 4, seed=2, spread=0.3)
     init = _init(x, 6, seed=3)
     kwargs = dict(max_iter=8, tol=0.0, init=init, chunk_size=512, block_rows=128)
-    trunc = fit_diag_gmm(x, 6, **kwargs)
+    trunc = fit_diag_gmm(x, 6, screen=False, **kwargs)
     dense = fit_diag_gmm(x, 6, truncate=False, **kwargs)
     first, *later = trunc.truncation
     print(first, later[-1])
@@ -97,7 +101,7 @@ def test_blocks_with_too_many_flat_rows_for_the_pairs_are_set_aside(planted):
         x[start:start + rows] = between + rng.normal(0, 0.05, (rows, 16))
     init = (np.full(8, 1 / 8), centres, np.ones(centres.shape))
     kwargs = dict(max_iter=1, tol=0.0, init=init, chunk_size=1024, block_rows=128)
-    trunc = fit_diag_gmm(x, 8, **kwargs)
+    trunc = fit_diag_gmm(x, 8, screen=False, **kwargs)
     dense = fit_diag_gmm(x, 8, truncate=False, **kwargs)
     info = trunc.truncation[0]
     print(info)
@@ -105,7 +109,8 @@ def test_blocks_with_too_many_flat_rows_for_the_pairs_are_set_aside(planted):
     _assert_same_fit(trunc, dense)
 
 
-def test_mode_fed_only_by_dropped_mass_is_repaired(monkeypatch):
+@pytest.mark.parametrize("screen", [False, True], ids=["float32_estep", "bf16_screen"])
+def test_mode_fed_only_by_dropped_mass_is_repaired(monkeypatch, screen):
     """A broad, light mode that every row gives a responsibility far below 1e-7: each row
     passes the per-row bound, yet that mode's N_k is all dropped mass, so the per-mode
     certificate fails and the repair pass recomputes it exactly. With the repair disabled
@@ -116,13 +121,13 @@ def test_mode_fed_only_by_dropped_mass_is_repaired(monkeypatch):
     means = np.concatenate([centres, x.mean(0, keepdims=True)]).astype(np.float64)
     variances = np.concatenate([np.ones((5, 8)), np.full((1, 8), 16.0)])
     kwargs = dict(max_iter=1, tol=0.0, init=(w, means, variances), chunk_size=1024)
-    trunc = fit_diag_gmm(x, 6, **kwargs)
+    trunc = fit_diag_gmm(x, 6, screen=screen, **kwargs)
     dense = fit_diag_gmm(x, 6, truncate=False, **kwargs)
     print(trunc.truncation)
     assert trunc.truncation[0]["repaired_modes"] >= 1
     _assert_same_fit(trunc, dense)
-    monkeypatch.setattr(em, "_repair", lambda data, terms, modes, lses, stats: stats)
-    unrepaired = fit_diag_gmm(x, 6, **kwargs)
+    monkeypatch.setattr(em, "_repair", lambda data, terms, modes, lses, stats, nk: (stats, nk))
+    unrepaired = fit_diag_gmm(x, 6, screen=screen, **kwargs)
     assert _rel(unrepaired.means[5], dense.means[5]) > 1e-4  # 10x the tolerance
 
 
@@ -149,11 +154,12 @@ def test_row_certificate_counts_what_is_dropped():
     assert np.asarray(dropped)[np.arange(k) != 2].max() == 0
 
 
+@pytest.mark.parametrize("screen", [False, True], ids=["float32_estep", "bf16_screen"])
 @pytest.mark.parametrize("stream", [False, True], ids=["resident", "streamed"])
-def test_truncated_sharded_equals_single_device(stream):
+def test_truncated_sharded_equals_single_device(stream, screen):
     x, _ = _planted(1003, 10, 12, seed=5, spread=1.0)
     init = _init(x, 10, seed=6)
-    kwargs = dict(max_iter=5, tol=0.0, init=init, chunk_size=256, block_rows=64)
+    kwargs = dict(max_iter=5, tol=0.0, init=init, chunk_size=256, block_rows=64, screen=screen)
     base = fit_diag_gmm(x, 10, **kwargs)
     fit = fit_diag_gmm(x, 10, mesh=parallel.make_mesh(), stream=stream, **kwargs)
     _assert_same_fit(fit, base)

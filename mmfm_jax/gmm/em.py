@@ -44,6 +44,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from mmfm_jax import parallel
+from mmfm_jax.gmm import screen as screen_lib
 from mmfm_jax.gmm.mixture import HIGHEST, CLSMixture, DiagTerms
 
 Init = str | tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -257,49 +258,102 @@ def _block_update(carry, post, mask, start, mode: str, tol: float):
                     flat_rows=carry["flat_rows"] + n_flat)
     sums = _rt_dot(jnp.stack([scale, jnp.where(flat, 0.0, scale)], axis=1), others)
     cols, rows, pair_dropped, ok = _flat_rows_update(others, weighted, scale, rest, flat, tol)
+    nk = carry["nk"] + top_mass + sums[0]
+    dropped = carry["dropped"] + sums[1] + jnp.where(ok, pair_dropped, 0.0)
+    if mode == "recomputed":  # a few steps at the end of a chunk: a `cond` is cheap there
+        def flat_dense(s):
+            return s + _rt_dot(jnp.where(flat[:, None], others, 0.0), weighted)
+
+        stats = jax.lax.cond(ok, lambda s: s.at[cols].add(rows), flat_dense, stats)
+        return dict(carry, stats=stats, nk=nk, dropped=dropped,
+                    flat_rows=carry["flat_rows"] + n_flat)
     ids = start + jnp.nonzero(flat, size=block, fill_value=block)[0]
     at = carry["pending_rows"]  # written every block, kept (advanced) only when pending
     return dict(
-        carry, stats=stats.at[cols].add(jnp.where(ok, rows, 0.0)),
-        nk=carry["nk"] + top_mass + sums[0],
-        dropped=carry["dropped"] + sums[1] + jnp.where(ok, pair_dropped, 0.0),
+        carry, stats=stats.at[cols].add(jnp.where(ok, rows, 0.0)), nk=nk, dropped=dropped,
         pending_ids=jax.lax.dynamic_update_slice(carry["pending_ids"], ids.astype(jnp.int32),
                                                  (at,)),
         pending_rows=at + jnp.where(ok, 0, n_flat), flat_rows=carry["flat_rows"] + n_flat,
         pending_blocks=carry["pending_blocks"] + (~ok).astype(jnp.int32))
 
 
-def _flush_pending(terms: DiagTerms, x, mask, carry, block: int):
-    """The set-aside flat rows' others^T (scale F), recomputed from their rows of x by the
-    same `_posterior` (their top-mode share and N_k are already in): a dense E- and M-step
-    over just those rows, `block` of them at a time (a loop of ceil(rows / block) steps)."""
+def _screened_update(carry, post, mask, start, order):
+    """Add one screened block (`screen.screened_posterior`): each certified row puts its
+    whole responsibility on its top mode (a scatter-add) and the bounded mass of its other
+    modes goes to the per-mode dropped sums; every other row's index is set aside for the
+    exact E-step at the end of the chunk. Returns the carry and the block's log-likelihoods
+    (certified rows; the rest are filled in by `_flush_pending`). `order` maps the screen's
+    columns to modes."""
+    feats, top, upper, certified, lj_top = post
+    top = order[top]
+    block, k = upper.shape
+    kept = jnp.where(certified, mask, 0.0)
+    uncertain = ~certified & (mask > 0)
+    n_uncertain = jnp.sum(uncertain, dtype=jnp.int32)
+    ids = start + jnp.nonzero(uncertain, size=block, fill_value=block)[0]
+    at = carry["pending_rows"]
+    return dict(
+        carry, stats=carry["stats"].at[top].add(feats * kept[:, None]),
+        nk=carry["nk"] + jax.ops.segment_sum(kept, top, num_segments=k),
+        dropped=carry["dropped"].at[order].add(jnp.dot(kept, upper, precision=HIGHEST)),
+        pending_ids=jax.lax.dynamic_update_slice(carry["pending_ids"], ids.astype(jnp.int32),
+                                                 (at,)),
+        pending_rows=at + n_uncertain,
+        recomputed_rows=carry["recomputed_rows"] + n_uncertain), jnp.where(certified,
+                                                                          lj_top, 0.0)
+
+
+def _flush_pending(terms: DiagTerms, x, mask, carry, lse, block: int, tol: float,
+                   whole: bool):
+    """The set-aside rows, recomputed from their rows of x by the exact `_posterior`,
+    `block` of them at a time (a loop of ceil(rows / block) steps). Truncated mode
+    (`whole` False) set aside flat rows whose top-mode share and N_k are already in: add
+    their others^T (scale F). Screened mode set aside uncertain rows that added nothing
+    yet: add their statistics as the truncated M-step does (a dense product for their
+    flat rows where the sparse pairs do not fit) and write their log-likelihoods into
+    `lse`.
+    Returns the carry, lse and the recomputed rows' log-likelihood sum."""
     ids, n = carry.pop("pending_ids"), carry.pop("pending_rows")
 
-    def step(i, s):
+    def step(i, state):
+        c, lse, ll = state
         sel = jax.lax.dynamic_slice(ids, (i * block,), (block,))
         sel = jnp.where(i * block + jnp.arange(block) < n, sel, x.shape[0])
         take = functools.partial(jnp.take, indices=sel, axis=0, mode="fill", fill_value=0)
-        feats, _, others, _, scale, _ = _posterior(terms, take(x), take(mask))
-        return s + _rt_dot(others, feats * scale[:, None])
+        sub_mask = take(mask)
+        post = _posterior(terms, take(x), sub_mask)
+        if not whole:
+            feats, _, others, _, scale, _ = post
+            return dict(c, stats=c["stats"] + _rt_dot(others, feats * scale[:, None])), lse, ll
+        c = _block_update(c, post, sub_mask, 0, "recomputed", tol)
+        return c, lse.at[sel].set(post[5], mode="drop"), ll + jnp.sum(post[5] * sub_mask)
 
-    carry["stats"] = jax.lax.fori_loop(0, (n + block - 1) // block, step, carry["stats"])
-    return carry
+    init = (carry, lse, jnp.zeros((), x.dtype))
+    return jax.lax.fori_loop(0, (n + block - 1) // block, step, init)
 
 
-def _scan_blocks(terms: DiagTerms, x, mask, block: int, mode: str, tol: float):
+def _scan_blocks(terms_screen, x, mask, block: int, mode: str, tol: float):
     """Scan a device's rows in blocks of `block` rows inside one program (the block x K
-    responsibilities stay cache-sized; no host round trip between blocks)."""
+    responsibilities stay cache-sized; no host round trip between blocks), then recompute
+    the rows the blocks set aside. `terms_screen` = (DiagTerms, ScreenTerms or None)."""
+    terms, screen = terms_screen
     rows, dim = x.shape
     k = terms.bias.shape[0]
     count = functools.partial(jnp.zeros, (), jnp.int32)
     carry = {} if mode == "loglik" else dict(
         stats=jnp.zeros((k, 2 * dim), x.dtype), nk=jnp.zeros((k,), x.dtype),
-        dropped=jnp.zeros((k,), x.dtype), flat_rows=count(), pending_blocks=count())
-    if mode == "truncated":
+        dropped=jnp.zeros((k,), x.dtype), flat_rows=count(), pending_blocks=count(),
+        recomputed_rows=count())
+    if mode in ("truncated", "screened"):
         carry.update(pending_ids=jnp.zeros((rows,), jnp.int32), pending_rows=count())
 
     def body(c, xms):
         xb, mb, start = xms
+        if mode == "screened":
+            c, lse_b = _screened_update(
+                c, screen_lib.screened_posterior(terms, screen, xb, tol), mb, start,
+                screen.order)
+            return c, (jnp.sum(lse_b * mb), lse_b)
         post = _posterior(terms, xb, mb)
         if mode != "loglik":
             c = _block_update(c, post, mb, start, mode, tol)
@@ -308,30 +362,30 @@ def _scan_blocks(terms: DiagTerms, x, mask, block: int, mode: str, tol: float):
     xs = (x.reshape(rows // block, block, dim), mask.reshape(rows // block, block),
           jnp.arange(0, rows, block, dtype=jnp.int32))
     carry, (ll, lse) = jax.lax.scan(body, carry, xs)
-    if mode == "truncated":
-        carry = _flush_pending(terms, x, mask, carry, block)
-    return (carry, ll), lse.reshape(rows)
-
-
-def _local_estep(terms: DiagTerms, x, mask, *, block: int, mode: str, tol: float):
-    """One device's share of a chunk; mode "dense", "truncated" or "loglik". Returns
-    ((statistics, per-block log-likelihood sums), per-row log-likelihoods)."""
-    return _scan_blocks(terms, x, mask, block, mode, tol)
+    lse = lse.reshape(rows)
+    if mode in ("truncated", "screened"):
+        carry, lse, ll_flush = _flush_pending(terms, x, mask, carry, lse, block, tol,
+                                              whole=mode == "screened")
+        ll = jnp.concatenate([ll, ll_flush[None]])
+    return (carry, ll), lse
 
 
 def _local_repair(terms: DiagTerms, x, mask, lse, *, block: int):
-    """Exact R^T [xc^2, xc] for a subset of modes (`terms` restricted to them), from the
-    per-row log-likelihoods of the truncated pass: an E-step over F << K columns."""
+    """Exact R^T [xc^2, xc, 1] for a subset of modes (`terms` restricted to them), from
+    the per-row log-likelihoods of the truncated pass: an E-step over F << K columns. The
+    last column is N_k (exact already in truncated mode, short of the dropped mass in
+    screened mode)."""
     rows, dim = x.shape
 
     def body(acc, xml):
         xb, mb, lb = xml
         feats = terms.features(xb)
         r = jnp.exp(terms.log_joint_from_features(feats) - lb[:, None]) * mb[:, None]
-        return acc + _rt_dot(r, feats), None
+        ones = jnp.ones((feats.shape[0], 1), feats.dtype)
+        return acc + _rt_dot(r, jnp.concatenate([feats, ones], axis=1)), None
 
     xs = (x.reshape(-1, block, dim), mask.reshape(-1, block), lse.reshape(-1, block))
-    acc, _ = jax.lax.scan(body, jnp.zeros((terms.bias.shape[0], 2 * dim), x.dtype), xs)
+    acc, _ = jax.lax.scan(body, jnp.zeros((terms.bias.shape[0], 2 * dim + 1), x.dtype), xs)
     return acc, None
 
 
@@ -354,7 +408,7 @@ def _distribute(local, mesh: Mesh | None, n_row_args: int):
 
 @functools.lru_cache(maxsize=64)
 def _estep_fn(mesh: Mesh | None, block: int, mode: str, tol: float):
-    return _distribute(functools.partial(_local_estep, block=block, mode=mode, tol=tol),
+    return _distribute(functools.partial(_scan_blocks, block=block, mode=mode, tol=tol),
                        mesh, 2)
 
 
@@ -509,21 +563,22 @@ def _estep_pass(data: _Data, terms: DiagTerms, mode: str, tol: float):
     Streamed chunks are kept at most two in flight (dispatch is asynchronous, so without
     the wait the host would read and upload the whole array ahead of the device)."""
     fn = _estep_fn(data.mesh, data.block_local, mode, tol)
+    terms_screen = (terms, screen_lib.build(terms) if mode == "screened" else None)
     totals, lls, lses = None, [], []
     for _, _, x, mask in data:
         if data.resident is None and lls:
             lls[-1].block_until_ready()
-        (carry, ll), lse = fn(terms, x, mask)
+        (carry, ll), lse = fn(terms_screen, x, mask)
         totals = carry if totals is None else jax.tree.map(jnp.add, totals, carry)
         lls.append(ll)
-        lses.append(lse if mode == "truncated" else None)
+        lses.append(lse if mode in ("truncated", "screened") else None)
     ll = float(sum(np.sum(np.asarray(v, np.float64)) for v in jax.device_get(lls)))
     return totals, ll, lses
 
 
-def _repair(data: _Data, terms: DiagTerms, modes: np.ndarray, lses, stats):
-    """Replace the truncated statistics of `modes` by exact ones (padded to a power of two
-    of modes, so few shapes compile; duplicates recompute the same mode)."""
+def _repair(data: _Data, terms: DiagTerms, modes: np.ndarray, lses, stats, nk):
+    """Replace the truncated statistics and N_k of `modes` by exact ones (padded to a power
+    of two of modes, so few shapes compile; duplicates recompute the same mode)."""
     k = terms.bias.shape[0]
     size = min(k, max(8, 1 << int(np.ceil(np.log2(modes.size)))))
     idx = np.concatenate([modes, np.full(max(size - modes.size, 0), modes[0])])[:size]
@@ -535,26 +590,28 @@ def _repair(data: _Data, terms: DiagTerms, modes: np.ndarray, lses, stats):
             acc.block_until_ready()  # as in `_estep_pass`: bounded host memory
         part = fn(sub, x, mask, lse)[0]
         acc = part if acc is None else acc + part
-    return stats.at[jnp.asarray(idx)].set(acc)
+    idx = jnp.asarray(idx)
+    return stats.at[idx].set(acc[:, :-1]), nk.at[idx].set(acc[:, -1])
 
 
-def _em_iteration(data: _Data, mixture: CLSMixture, reg, truncate: bool, tol: float):
-    """E-step and M-step. Truncated: the per-row bound is applied in the pass; the per-mode
-    certificate (mass dropped from mode k <= tol * N_k, with N_k itself always exact) is
-    checked here, and the modes that fail it get exact statistics from a repair pass."""
+def _em_iteration(data: _Data, mixture: CLSMixture, reg, mode: str, tol: float):
+    """E-step and M-step; mode "screened", "truncated" or "dense". Screened and truncated:
+    the per-row bound is applied in the pass; the per-mode certificate (mass dropped from
+    mode k <= tol * N_k) is checked here, and the modes that fail it get exact statistics
+    from a repair pass."""
     terms = _terms(mixture.weights, mixture.means, mixture.variances)
-    c, ll, lses = _estep_pass(data, terms, "truncated" if truncate else "dense", tol)
-    info = {k: int(c[k]) for k in ("flat_rows", "pending_blocks")}
-    info.update(m_step="truncated" if truncate else "dense", repaired_modes=0)
-    stats = c["stats"]
-    if truncate:
-        dropped, nk = jax.device_get((c["dropped"], c["nk"]))
-        bad = np.flatnonzero(dropped > tol * nk)
+    c, ll, lses = _estep_pass(data, terms, mode, tol)
+    info = {k: int(c[k]) for k in ("flat_rows", "pending_blocks", "recomputed_rows")}
+    info.update(m_step=mode, repaired_modes=0)
+    stats, nk = c["stats"], c["nk"]
+    if mode != "dense":
+        dropped, nk_host = jax.device_get((c["dropped"], nk))
+        bad = np.flatnonzero(dropped > tol * nk_host)
         info["dropped_mass"] = float(np.sum(dropped, dtype=np.float64))
         if bad.size:
-            stats = _repair(data, terms, bad, lses, stats)
+            stats, nk = _repair(data, terms, bad, lses, stats, nk)
             info["repaired_modes"] = int(bad.size)
-    return _m_step(c["nk"], stats, terms.centre, reg), ll, info
+    return _m_step(nk, stats, terms.centre, reg), ll, info
 
 
 def _default_block(k: int) -> int:
@@ -571,7 +628,7 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
                  mesh: Mesh | None = None, chunk_size: int | None = None,
                  stream: bool = False, log_fn: Callable[[str], None] | None = None,
                  truncate: bool = True, truncate_tol: float | None = None,
-                 block_rows: int | None = None) -> FitResult:
+                 screen: bool = False, block_rows: int | None = None) -> FitResult:
     """EM for a diagonal Gaussian mixture, sklearn semantics (see the module docstring).
 
     x: (N, D) array (host or device), or a callable returning a fresh iterable of (n, D)
@@ -587,7 +644,16 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     truncate: the M-step drops responsibilities outside each row's top mode where their
     mass is below `truncate_tol` of the row (default 1e-7 in float32, 1e-16 in float64),
     certified per row and per mode, with exact fallbacks (see `_block_update`,
-    `_em_iteration`); False runs the dense M-step. `log_fn` gets one line per iteration.
+    `_em_iteration`); False runs the dense M-step. screen (float32 data, with truncate):
+    the E-step's product runs in bfloat16 and only the rows its certificate cannot clear
+    are recomputed in float32 (`mmfm_jax.gmm.screen`); the fit is the exact one to float32
+    rounding and `truncate_tol`. Off by default: on this project's 2-core CPU the bf16
+    product's 1.75x is eaten by the bound's elementwise work and the recomputed rows
+    (README); it is for accelerators, whose bf16 units are many times their float32 rate.
+    An iteration after one with most rows flat runs dense, and one after a quarter of the
+    rows were recomputed runs unscreened.
+    `FitResult.truncation` records what each iteration did. `log_fn` gets one line per
+    iteration.
     """
     block = _default_block(n_components) if block_rows is None else block_rows
     if chunk_size is None:
@@ -597,6 +663,9 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
         raise ValueError(f"n_components={n_components} exceeds the {data.n} samples")
     if truncate_tol is None:
         truncate_tol = 1e-7 if data.dtype == np.float32 else 1e-16
+    if screen and data.dtype != np.float32:
+        raise ValueError(f"screen=True needs float32 data (the bf16 bound is far above "
+                         f"{data.dtype} rounding), got {data.dtype}")
     mixture = jax.device_put(_init_mixture(data, n_components, init, seed, reg_covar),
                              data.replicated)
     reg = jnp.asarray(reg_covar, data.dtype)
@@ -604,10 +673,8 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     lower_bound, converged, n_iter = -np.inf, False, 0
     for n_iter in range(1, max_iter + 1):
         t0 = time.perf_counter()
-        # a pass with most rows flat would recompute most of them: dense is cheaper then
-        mostly_flat = bool(truncation) and truncation[-1]["flat_rows"] > data.n // 2
-        mixture, ll, info = _em_iteration(data, mixture, reg, truncate and not mostly_flat,
-                                          float(truncate_tol))
+        mode = _next_mode(truncate, screen, truncation[-1] if truncation else None, data.n)
+        mixture, ll, info = _em_iteration(data, mixture, reg, mode, float(truncate_tol))
         previous, lower_bound = lower_bound, ll / data.n
         history.append(lower_bound)
         truncation.append(info)
@@ -620,6 +687,17 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
             converged = True
             break
     return _result(data, mixture, history, n_iter, converged, lower_bound, seconds, truncation)
+
+
+def _next_mode(truncate: bool, screen: bool, last: dict | None, n: int) -> str:
+    """The cheapest exact E/M mode for the next iteration, from what the last one saw: a
+    pass with most rows flat would redo most of them, so the dense pass is cheaper then;
+    past a quarter of the rows recomputed the screen stops paying for itself (CPU)."""
+    if not truncate or (last is not None and last["flat_rows"] > n // 2):
+        return "dense"
+    if not screen or (last is not None and last["recomputed_rows"] > n // 4):
+        return "truncated"
+    return "screened"
 
 
 def _result(data: _Data, mixture, history, n_iter, converged, lower_bound, seconds,
