@@ -91,7 +91,7 @@ def test_mostly_flat_rows_are_recomputed_then_the_m_step_goes_dense():
 @pytest.mark.parametrize("planted", [(30,), (30, 20, 25)], ids=["one_block", "three_blocks"])
 def test_blocks_with_too_many_flat_rows_for_the_pairs_are_set_aside(planted):
     """Flat rows planted in blocks of 128 rows, 20-30 per block (more than the sparse
-    path's block / 8 = 16): those blocks set their flat rows aside for the chunk's dense
+    path's block / 64 = 2): those blocks set their flat rows aside for the chunk's dense
     recomputation, and the statistics are the dense ones."""
     x, centres = _planted(1024, 8, 16, seed=7, spread=3.0)
     between = (centres[0] + centres[1]) / 2  # equidistant from two modes: flat
@@ -135,9 +135,9 @@ def test_row_certificate_counts_what_is_dropped():
     """`_flat_rows_update` directly: a flat row whose other modes exceed the kept-entries
     budget is reported as failing; a row that fits keeps its non-negligible modes exactly
     and reports the rest as dropped mass."""
-    block, k = 64, 80
+    block, k = 256, 80
     others = np.zeros((block, k), np.float32)
-    others[3, :] = 0.5  # flat row, 80 modes of equal weight: over the budget of 8 x 8
+    others[3, :] = 0.5  # flat row, 80 modes of equal weight: over the budget of 4 x 4
     others[7, [1, 2]] = [0.25, 1e-12]  # flat row: keeps mode 1, drops mode 2 (1e-12)
     rest = others.sum(1)
     scale = 1.0 / (1.0 + rest)
