@@ -278,7 +278,7 @@ def _block_update(carry, post, mask, start, mode: str, tol: float):
         pending_blocks=carry["pending_blocks"] + (~ok).astype(jnp.int32))
 
 
-def _screened_update(carry, post, mask, start, order):
+def _screened_update(carry, post, mask, row_ids, order):
     """Add one screened block (`screen.screened_posterior`): each certified row puts its
     whole responsibility on its top mode (a scatter-add) and the bounded mass of its other
     modes goes to the per-mode dropped sums; every other row's index is set aside for the
@@ -291,7 +291,8 @@ def _screened_update(carry, post, mask, start, order):
     kept = jnp.where(certified, mask, 0.0)
     uncertain = ~certified & (mask > 0)
     n_uncertain = jnp.sum(uncertain, dtype=jnp.int32)
-    ids = start + jnp.nonzero(uncertain, size=block, fill_value=block)[0]
+    ids = jnp.take(row_ids, jnp.nonzero(uncertain, size=block, fill_value=block)[0],
+                   mode="fill", fill_value=0)
     at = carry["pending_rows"]
     return dict(
         carry, stats=carry["stats"].at[top].add(feats * kept[:, None]),
@@ -302,6 +303,35 @@ def _screened_update(carry, post, mask, start, order):
         pending_rows=at + n_uncertain,
         recomputed_rows=carry["recomputed_rows"] + n_uncertain), jnp.where(certified,
                                                                           lj_top, 0.0)
+
+
+def _second_look(terms: DiagTerms, screen, x, mask, carry, lse, block: int, tol: float):
+    """The rows the screen left uncertain get `screen.second_look`, `block` at a time:
+    those it certifies are added as certified rows are, the rest are set aside again for
+    the exact E-step (`_flush_pending`). Returns the carry, lse and the certified rows'
+    log-likelihood sum."""
+    ids, n = carry["pending_ids"], carry["pending_rows"]
+    again = dict(stats=carry["stats"], nk=carry["nk"], dropped=carry["dropped"],
+                 pending_ids=jnp.zeros_like(ids), pending_rows=jnp.zeros_like(n),
+                 recomputed_rows=jnp.zeros_like(n))
+
+    def step(i, state):
+        c, lse, ll = state
+        sel = jax.lax.dynamic_slice(ids, (i * block,), (block,))
+        sel = jnp.where(i * block + jnp.arange(block) < n, sel, x.shape[0])
+        take = functools.partial(jnp.take, indices=sel, axis=0, mode="fill", fill_value=0)
+        sub_mask = take(mask)
+        post = screen_lib.second_look(terms, screen, take(x), tol)
+        c, lse_b = _screened_update(c, post, sub_mask, sel, screen.order)
+        lse = lse.at[jnp.where(post[3], sel, x.shape[0])].set(lse_b, mode="drop")
+        return c, lse, ll + jnp.sum(lse_b * sub_mask)
+
+    again, lse, ll = jax.lax.fori_loop(0, (n + block - 1) // block, step,
+                                       (again, lse, jnp.zeros((), x.dtype)))
+    carry = dict(carry, stats=again["stats"], nk=again["nk"], dropped=again["dropped"],
+                 pending_ids=again["pending_ids"], pending_rows=again["pending_rows"],
+                 second_looks=n, recomputed_rows=again["recomputed_rows"])
+    return carry, lse, ll
 
 
 def _flush_pending(terms: DiagTerms, x, mask, carry, lse, block: int, tol: float,
@@ -344,7 +374,7 @@ def _scan_blocks(terms_screen, x, mask, block: int, mode: str, tol: float):
     carry = {} if mode == "loglik" else dict(
         stats=jnp.zeros((k, 2 * dim), x.dtype), nk=jnp.zeros((k,), x.dtype),
         dropped=jnp.zeros((k,), x.dtype), flat_rows=count(), pending_blocks=count(),
-        recomputed_rows=count())
+        second_looks=count(), recomputed_rows=count())
     if mode in ("truncated", "screened"):
         carry.update(pending_ids=jnp.zeros((rows,), jnp.int32), pending_rows=count())
 
@@ -352,8 +382,8 @@ def _scan_blocks(terms_screen, x, mask, block: int, mode: str, tol: float):
         xb, mb, start = xms
         if mode == "screened":
             c, lse_b = _screened_update(
-                c, screen_lib.screened_posterior(terms, screen, xb, tol), mb, start,
-                screen.order)
+                c, screen_lib.screened_posterior(terms, screen, xb, tol), mb,
+                start + jnp.arange(block, dtype=jnp.int32), screen.order)
             return c, (jnp.sum(lse_b * mb), lse_b)
         post = _posterior(terms, xb, mb)
         if mode != "loglik":
@@ -364,6 +394,9 @@ def _scan_blocks(terms_screen, x, mask, block: int, mode: str, tol: float):
           jnp.arange(0, rows, block, dtype=jnp.int32))
     carry, (ll, lse) = jax.lax.scan(body, carry, xs)
     lse = lse.reshape(rows)
+    if mode == "screened":
+        carry, lse, ll_second = _second_look(terms, screen, x, mask, carry, lse, block, tol)
+        ll = jnp.concatenate([ll, ll_second[None]])
     if mode in ("truncated", "screened"):
         carry, lse, ll_flush = _flush_pending(terms, x, mask, carry, lse, block, tol,
                                               whole=mode == "screened")
@@ -602,7 +635,8 @@ def _em_iteration(data: _Data, mixture: CLSMixture, reg, mode: str, tol: float):
     from a repair pass."""
     terms = _terms(mixture.weights, mixture.means, mixture.variances)
     c, ll, lses = _estep_pass(data, terms, mode, tol)
-    info = {k: int(c[k]) for k in ("flat_rows", "pending_blocks", "recomputed_rows")}
+    info = {k: int(c[k]) for k in ("flat_rows", "pending_blocks", "second_looks",
+                                   "recomputed_rows")}
     info.update(m_step=mode, repaired_modes=0)
     stats, nk = c["stats"], c["nk"]
     if mode != "dense":
@@ -615,7 +649,7 @@ def _em_iteration(data: _Data, mixture: CLSMixture, reg, mode: str, tol: float):
     return _m_step(nk, stats, terms.centre, reg), ll, info
 
 
-def _default_block(k: int) -> int:
+def default_block_rows(k: int) -> int:
     """E-step rows per block: on CPU a block x K float32 responsibility matrix of about 4 MB
     and at least 256 rows (measured on 2 Zen cores, one pass of n 98304, D 768: K 1024 ran
     0.76 s at 1024 rows, 0.81 at 2048, 0.91 at 4096; K 8192 ran 2.4 s at 256 or 512 rows,
@@ -632,14 +666,14 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
                  mesh: Mesh | None = None, chunk_size: int | None = None,
                  stream: bool = False, log_fn: Callable[[str], None] | None = None,
                  truncate: bool = True, truncate_tol: float | None = None,
-                 screen: bool = False, block_rows: int | None = None) -> FitResult:
+                 screen: bool | None = None, block_rows: int | None = None) -> FitResult:
     """EM for a diagonal Gaussian mixture, sklearn semantics (see the module docstring).
 
     x: (N, D) array (host or device), or a callable returning a fresh iterable of (n, D)
     chunks on every call (always streamed). Chunks of `chunk_size` rows (default 2^28 / K:
     100 MB of float32 rows at K 8192, D 768) are the unit of upload and streaming; inside
     one jitted call each device scans its share of a chunk in E-step blocks of `block_rows`
-    rows (default `_default_block`). An array is uploaded once and kept on the devices, unless
+    rows (default `default_block_rows`). An array is uploaded once and kept on the devices, unless
     `stream=True` re-reads it from the host on every pass (data larger than device memory;
     a memory map works). With `mesh`, rows are split over the mesh's batch axes and the
     statistics reduced across devices once per chunk. Computation runs in the data's dtype
@@ -648,18 +682,16 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     truncate: the M-step drops responsibilities outside each row's top mode where their
     mass is below `truncate_tol` of the row (default 1e-7 in float32, 1e-16 in float64),
     certified per row and per mode, with exact fallbacks (see `_block_update`,
-    `_em_iteration`); False runs the dense M-step. screen (float32 data, with truncate):
-    the E-step's product runs in bfloat16 and only the rows its certificate cannot clear
-    are recomputed in float32 (`mmfm_jax.gmm.screen`); the fit is the exact one to float32
-    rounding and `truncate_tol`. Off by default: on this project's 2-core CPU the bf16
-    product's 1.75x is eaten by the bound's elementwise work and the recomputed rows
-    (README); it is for accelerators, whose bf16 units are many times their float32 rate.
-    An iteration after one with most rows flat runs dense, and one after a quarter of the
-    rows were recomputed runs unscreened.
+    `_em_iteration`); False runs the dense M-step. screen (default: with truncate, on
+    float32 data): the E-step's product runs in bfloat16 and only the rows its certificate
+    cannot clear get a second look or the float32 E-step (`mmfm_jax.gmm.screen`); the fit
+    is the exact one to float32 rounding and `truncate_tol`. An iteration after one with
+    most rows flat runs dense, and one after a quarter of the rows were recomputed runs
+    unscreened.
     `FitResult.truncation` records what each iteration did. `log_fn` gets one line per
     iteration.
     """
-    block = _default_block(n_components) if block_rows is None else block_rows
+    block = default_block_rows(n_components) if block_rows is None else block_rows
     if chunk_size is None:
         chunk_size = max(block, 2 ** 28 // n_components)
     data = _Data(x, chunk_size, mesh, stream, block)
@@ -667,6 +699,8 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
         raise ValueError(f"n_components={n_components} exceeds the {data.n} samples")
     if truncate_tol is None:
         truncate_tol = 1e-7 if data.dtype == np.float32 else 1e-16
+    if screen is None:
+        screen = truncate and data.dtype == np.float32
     if screen and data.dtype != np.float32:
         raise ValueError(f"screen=True needs float32 data (the bf16 bound is far above "
                          f"{data.dtype} rounding), got {data.dtype}")

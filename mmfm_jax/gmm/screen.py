@@ -82,6 +82,39 @@ def build(terms: DiagTerms) -> ScreenTerms:
         coef_df=jnp.where(is_exact, 0.0, coef_df[order]))
 
 
+def _first_min_index(values, target):
+    """Index of the first entry equal to its row's `target` (a float min: XLA:CPU's argmax
+    reduce is ~10x slower than a max)."""
+    iota = jnp.arange(values.shape[1], dtype=values.dtype)[None, :]
+    return jnp.min(jnp.where(values == target[:, None], iota, values.shape[1]), axis=1)
+
+
+def _exact_log_joint(screen: ScreenTerms, feats, column):
+    """Log-joint of each row under one screen column per row, by a float32 dot."""
+    rows = jnp.take(screen.rows, column, axis=0, mode="clip")
+    quad = jnp.sum(feats * rows, axis=1) + screen.offset[column]
+    return screen.bias[column] - 0.5 * jnp.maximum(quad, 0.0)
+
+
+def second_look(terms: DiagTerms, screen: ScreenTerms, x, tol: float):
+    """`screened_posterior` for rows it left uncertain, with the mode of largest bounded
+    mass ("second") computed exactly as well: usually that one mode is all that kept the
+    row uncertain. The row is certified when second's exact mass relative to top plus the
+    bounded mass of the others (their sum, inflated by its float32 rounding, (K + 1) 2^-24)
+    is below tol, and top beats second. The returned `upper` holds second's exact relative
+    mass in its column."""
+    feats, top, upper, _, lj_top = screened_posterior(terms, screen, x, tol)
+    k = upper.shape[1]
+    peak = jnp.max(upper, axis=1)
+    second = _first_min_index(upper, peak).astype(jnp.int32)
+    exact = jnp.exp(jnp.minimum(_exact_log_joint(screen, feats, second) - lj_top, 0.0))
+    is_second = jnp.arange(k)[None, :] == second[:, None]
+    upper = jnp.where(is_second, exact[:, None], upper)
+    rest = jnp.sum(jnp.where(is_second, 0.0, upper), axis=1) * (1.0 + (k + 1) * 2.0 ** -24)
+    certified = (exact < 1.0) & (rest + exact < tol)
+    return feats, top, upper, certified, lj_top
+
+
 def screened_posterior(terms: DiagTerms, screen: ScreenTerms, x, tol: float):
     """One block screened in bf16. Returns feats [xc^2, xc], top (the screen's top mode,
     a screen column), upper (exp(ub_j - lj_top) for screen columns j != top, clamped at 1,
@@ -95,14 +128,10 @@ def screened_posterior(terms: DiagTerms, screen: ScreenTerms, x, tol: float):
         jnp.dot(feats, screen.exact, precision=HIGHEST)], axis=1) + screen.offset
     half = 0.5 * jnp.maximum(quad, 0.0)
     lj = screen.bias - half
-    lmax = jnp.max(lj, axis=1)
-    # first of ties as a float min (XLA:CPU's argmax reduce is ~10x slower than a max)
-    iota = jnp.arange(lj.shape[1], dtype=lj.dtype)[None, :]
-    top_f = jnp.min(jnp.where(lj == lmax[:, None], iota, lj.shape[1]), axis=1)
+    top_f = _first_min_index(lj, jnp.max(lj, axis=1))
     top = top_f.astype(jnp.int32)
-    column = jnp.take(screen.rows, top, axis=0, mode="clip")
-    quad_top = jnp.sum(feats * column, axis=1) + screen.offset[top]
-    lj_top = screen.bias[top] - 0.5 * jnp.maximum(quad_top, 0.0)
+    lj_top = _exact_log_joint(screen, feats, top)
+    iota = jnp.arange(lj.shape[1], dtype=lj.dtype)[None, :]
     nf = jnp.linalg.norm(wide, axis=1)[:, None]
     ndf = jnp.linalg.norm(feats - wide, axis=1)[:, None]
     ub = screen.bias_up - half + nf * screen.coef_f + ndf * screen.coef_df
