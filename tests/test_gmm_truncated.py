@@ -163,3 +163,25 @@ def test_truncated_sharded_equals_single_device(stream, screen):
     base = fit_diag_gmm(x, 10, **kwargs)
     fit = fit_diag_gmm(x, 10, mesh=parallel.make_mesh(), stream=stream, **kwargs)
     _assert_same_fit(fit, base)
+
+
+def test_the_screen_backs_off_after_passes_that_recompute_most_rows():
+    """`_next_mode`: a screened pass recomputing over a quarter of its rows is followed by
+    2^f unscreened ones (f failures in a row, at most 16) before the screen tries again;
+    a pass with most rows flat is followed by a dense one."""
+    n = 100
+    good = dict(m_step="screened", recomputed_rows=3, flat_rows=0)
+    bad = dict(good, recomputed_rows=90)
+    unscreened = dict(good, m_step="truncated", recomputed_rows=0)
+    assert em._next_mode(True, True, [], n) == "screened"
+    assert em._next_mode(True, True, [bad], n) == "truncated"
+    assert em._next_mode(True, True, [bad, unscreened], n) == "truncated"
+    assert em._next_mode(True, True, [bad] + [unscreened] * 2, n) == "screened"  # waited 2
+    twice = [bad, unscreened, unscreened, bad]  # two failures in a row: wait 4
+    assert em._next_mode(True, True, twice + [unscreened] * 3, n) == "truncated"
+    assert em._next_mode(True, True, twice + [unscreened] * 4, n) == "screened"
+    assert em._next_mode(True, True, [bad] * 3 + [good], n) == "screened"
+    assert em._next_mode(True, True, [good], n) == "screened"
+    assert em._next_mode(True, False, [], n) == "truncated"
+    assert em._next_mode(True, True, [dict(good, flat_rows=60)], n) == "dense"
+    assert em._next_mode(False, True, [], n) == "dense"

@@ -6,7 +6,10 @@ iteration, built to run at the speed of a plain matmul:
 
 * E-step: log w_k + log N(x; mu_k, var_k) as ONE block x 2D x K product of the features
   [xc^2, xc] (`mixture.DiagTerms`), then the row max, exp and sums over the block x K
-  matrix, normalised around each row's top mode (`_posterior`).
+  matrix, normalised around each row's top mode (`_posterior`). By default (float32 data)
+  that product runs in bfloat16 as a certified screen (`mmfm_jax.gmm.screen`): rows whose
+  bounded mass outside their exactly computed top mode is below the truncation bound need
+  nothing more, the rest get a second look or the float32 E-step above.
 * M-step statistics R^T [xc^2, xc] and N_k: the top mode's share by a scatter-add, the rest
   either densely (one more product) or truncated (`_block_update`): mass outside the top
   mode is dropped where it is below 1e-7 of the row (float32; 1e-16 in float64), a bound
@@ -686,9 +689,8 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     float32 data): the E-step's product runs in bfloat16 and only the rows its certificate
     cannot clear get a second look or the float32 E-step (`mmfm_jax.gmm.screen`); the fit
     is the exact one to float32 rounding and `truncate_tol`. An iteration after one with
-    most rows flat runs dense, and one after a quarter of the rows were recomputed runs
-    unscreened.
-    `FitResult.truncation` records what each iteration did. `log_fn` gets one line per
+    most rows flat runs dense, and the screen backs off after passes where it recomputed
+    over a quarter of the rows (`_next_mode`). `FitResult.truncation` records what each iteration did. `log_fn` gets one line per
     iteration.
     """
     block = default_block_rows(n_components) if block_rows is None else block_rows
@@ -711,7 +713,7 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     lower_bound, converged, n_iter = -np.inf, False, 0
     for n_iter in range(1, max_iter + 1):
         t0 = time.perf_counter()
-        mode = _next_mode(truncate, screen, truncation[-1] if truncation else None, data.n)
+        mode = _next_mode(truncate, screen, truncation, data.n)
         mixture, ll, info = _em_iteration(data, mixture, reg, mode, float(truncate_tol))
         previous, lower_bound = lower_bound, ll / data.n
         history.append(lower_bound)
@@ -727,13 +729,25 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     return _result(data, mixture, history, n_iter, converged, lower_bound, seconds, truncation)
 
 
-def _next_mode(truncate: bool, screen: bool, last: dict | None, n: int) -> str:
-    """The cheapest exact E/M mode for the next iteration, from what the last one saw: a
-    pass with most rows flat would redo most of them, so the dense pass is cheaper then;
-    past a quarter of the rows recomputed the screen stops paying for itself (CPU)."""
+def _next_mode(truncate: bool, screen: bool, history: list[dict], n: int) -> str:
+    """The cheapest exact E/M mode for the next iteration, from what the earlier ones saw.
+    A pass with most rows flat would redo most of them: dense is cheaper then. A screened
+    pass that recomputed over a quarter of its rows cost more than the float32 one (tight
+    modes, e.g. k-means++'s variances of reg_covar, defeat the bf16 bound), so the screen
+    backs off: after its f-th such pass in a row it waits min(2^f, 16) iterations before
+    trying again."""
+    last = history[-1] if history else None
     if not truncate or (last is not None and last["flat_rows"] > n // 2):
         return "dense"
-    if not screen or (last is not None and last["recomputed_rows"] > n // 4):
+    if not screen:
+        return "truncated"
+    screened = [i for i, h in enumerate(history) if h["m_step"] == "screened"]
+    failed = 0
+    for i in reversed(screened):
+        if history[i]["recomputed_rows"] <= n // 4:
+            break
+        failed += 1
+    if failed and len(history) - 1 - screened[-1] < min(2 ** failed, 16):
         return "truncated"
     return "screened"
 
