@@ -690,8 +690,8 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     cannot clear get a second look or the float32 E-step (`mmfm_jax.gmm.screen`); the fit
     is the exact one to float32 rounding and `truncate_tol`. An iteration after one with
     most rows flat runs dense, and the screen backs off after passes where it recomputed
-    over a quarter of the rows (`_next_mode`). `FitResult.truncation` records what each iteration did. `log_fn` gets one line per
-    iteration.
+    over a quarter of the rows (`_next_mode`). `FitResult.truncation` records what each
+    iteration did. `log_fn` gets one line per iteration.
     """
     block = default_block_rows(n_components) if block_rows is None else block_rows
     if chunk_size is None:
