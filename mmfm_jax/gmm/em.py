@@ -308,6 +308,15 @@ def _screened_update(carry, post, mask, row_ids, order):
                                                                           lj_top, 0.0)
 
 
+def _pending_step(ids, n, i, block: int, x, mask):
+    """Step i of a loop over the first n of the set-aside row ids: (ids, rows of x, mask),
+    `block` of them, past n pointing out of range (zero rows, mask 0, dropped writes)."""
+    sel = jax.lax.dynamic_slice(ids, (i * block,), (block,))
+    sel = jnp.where(i * block + jnp.arange(block) < n, sel, x.shape[0])
+    take = functools.partial(jnp.take, indices=sel, axis=0, mode="fill", fill_value=0)
+    return sel, take(x), take(mask)
+
+
 def _second_look(terms: DiagTerms, screen, x, mask, carry, lse, block: int, tol: float):
     """The rows the screen left uncertain get `screen.second_look`, `block` at a time:
     those it certifies are added as certified rows are, the rest are set aside again for
@@ -320,11 +329,8 @@ def _second_look(terms: DiagTerms, screen, x, mask, carry, lse, block: int, tol:
 
     def step(i, state):
         c, lse, ll = state
-        sel = jax.lax.dynamic_slice(ids, (i * block,), (block,))
-        sel = jnp.where(i * block + jnp.arange(block) < n, sel, x.shape[0])
-        take = functools.partial(jnp.take, indices=sel, axis=0, mode="fill", fill_value=0)
-        sub_mask = take(mask)
-        post = screen_lib.second_look(terms, screen, take(x), tol)
+        sel, sub_x, sub_mask = _pending_step(ids, n, i, block, x, mask)
+        post = screen_lib.second_look(terms, screen, sub_x, tol)
         c, lse_b = _screened_update(c, post, sub_mask, sel, screen.order)
         lse = lse.at[jnp.where(post[3], sel, x.shape[0])].set(lse_b, mode="drop")
         return c, lse, ll + jnp.sum(lse_b * sub_mask)
@@ -351,11 +357,8 @@ def _flush_pending(terms: DiagTerms, x, mask, carry, lse, block: int, tol: float
 
     def step(i, state):
         c, lse, ll = state
-        sel = jax.lax.dynamic_slice(ids, (i * block,), (block,))
-        sel = jnp.where(i * block + jnp.arange(block) < n, sel, x.shape[0])
-        take = functools.partial(jnp.take, indices=sel, axis=0, mode="fill", fill_value=0)
-        sub_mask = take(mask)
-        post = _posterior(terms, take(x), sub_mask)
+        sel, sub_x, sub_mask = _pending_step(ids, n, i, block, x, mask)
+        post = _posterior(terms, sub_x, sub_mask)
         if not whole:
             feats, _, others, _, scale, _ = post
             return dict(c, stats=c["stats"] + _rt_dot(others, feats * scale[:, None])), lse, ll
