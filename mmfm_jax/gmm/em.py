@@ -702,13 +702,7 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     data = _Data(x, chunk_size, mesh, stream, block)
     if data.n < n_components:
         raise ValueError(f"n_components={n_components} exceeds the {data.n} samples")
-    if truncate_tol is None:
-        truncate_tol = 1e-7 if data.dtype == np.float32 else 1e-16
-    if screen is None:
-        screen = truncate and data.dtype == np.float32
-    if screen and data.dtype != np.float32:
-        raise ValueError(f"screen=True needs float32 data (the bf16 bound is far above "
-                         f"{data.dtype} rounding), got {data.dtype}")
+    truncate_tol, screen = _truncation_defaults(data.dtype, truncate, truncate_tol, screen)
     mixture = jax.device_put(_init_mixture(data, n_components, init, seed, reg_covar),
                              data.replicated)
     reg = jnp.asarray(reg_covar, data.dtype)
@@ -717,7 +711,7 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
     for n_iter in range(1, max_iter + 1):
         t0 = time.perf_counter()
         mode = _next_mode(truncate, screen, truncation, data.n)
-        mixture, ll, info = _em_iteration(data, mixture, reg, mode, float(truncate_tol))
+        mixture, ll, info = _em_iteration(data, mixture, reg, mode, truncate_tol)
         previous, lower_bound = lower_bound, ll / data.n
         history.append(lower_bound)
         truncation.append(info)
@@ -730,6 +724,19 @@ def fit_diag_gmm(x: np.ndarray | jax.Array | Callable[[], Iterable[np.ndarray]],
             converged = True
             break
     return _result(data, mixture, history, n_iter, converged, lower_bound, seconds, truncation)
+
+
+def _truncation_defaults(dtype, truncate: bool, truncate_tol, screen):
+    """truncate_tol (1e-7 in float32, 1e-16 in float64) and screen (float32 with truncate)
+    when not given; screen=True on other data is refused in one line."""
+    if truncate_tol is None:
+        truncate_tol = 1e-7 if dtype == np.float32 else 1e-16
+    if screen is None:
+        screen = truncate and dtype == np.float32
+    if screen and dtype != np.float32:
+        raise ValueError(f"screen=True needs float32 data (the bf16 bound is far above "
+                         f"{dtype} rounding), got {dtype}")
+    return float(truncate_tol), screen
 
 
 def _next_mode(truncate: bool, screen: bool, history: list[dict], n: int) -> str:
