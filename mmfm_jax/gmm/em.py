@@ -284,10 +284,10 @@ def _block_update(carry, post, mask, start, mode: str, tol: float):
 def _screened_update(carry, post, mask, row_ids, order):
     """Add one screened block (`screen.screened_posterior`): each certified row puts its
     whole responsibility on its top mode (a scatter-add) and the bounded mass of its other
-    modes goes to the per-mode dropped sums; every other row's index is set aside for the
-    exact E-step at the end of the chunk. Returns the carry and the block's log-likelihoods
-    (certified rows; the rest are filled in by `_flush_pending`). `order` maps the screen's
-    columns to modes."""
+    modes goes to the per-mode dropped sums; every other row's index is set aside (for
+    `_second_look`, then the exact E-step of `_flush_pending`). Returns the carry and the
+    block's log-likelihoods (certified rows; the rest are filled in later). `order` maps
+    the screen's columns to modes."""
     feats, top, upper, certified, lj_top = post
     top = order[top]
     block, k = upper.shape
