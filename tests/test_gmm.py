@@ -212,7 +212,7 @@ def test_fit_from_batches_writes_both_and_resumes(tmp_path):
     latents = np.random.default_rng(10).normal(size=(96, 2, 2, 3)).astype(np.float32)
     cfg = ml_collections.ConfigDict(dict(num_components=3, max_iter=20, tol=1e-3,
                                          reg_covar=1e-6, init="k-means++", seed=42,
-                                         chunk_size=64, flip=True))
+                                         chunk_size=64, screen=True, flip=True))
     batches = lambda: ((latents[i:i + 32], x[i:i + 32]) for i in range(0, 96, 32))
     lines = []
     cls1, sp1 = fit_from_batches(batches, cfg, None, str(tmp_path), lines.append)

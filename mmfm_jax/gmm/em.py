@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmfm_jax import parallel
 from mmfm_jax.gmm import screen as screen_lib
-from mmfm_jax.gmm.mixture import HIGHEST, CLSMixture, DiagTerms
+from mmfm_jax.gmm.mixture import HIGHEST, CLSMixture, DiagTerms, first_max_index
 
 Init = str | tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -193,11 +193,8 @@ def _posterior(terms: DiagTerms, x, mask):
     feats = terms.features(x)
     lj = terms.log_joint_from_features(feats)
     lmax = jnp.max(lj, axis=1)
-    # argmax (first of ties) as a plain float min: XLA:CPU's variadic argmax reduce is ~10x
-    # slower than a max over the same block
-    iota = jnp.arange(lj.shape[1], dtype=lj.dtype)[None, :]
-    top_f = jnp.min(jnp.where(lj == lmax[:, None], iota, lj.shape[1]), axis=1)
-    is_top = iota == top_f[:, None]
+    top_f = first_max_index(lj, lmax)
+    is_top = jnp.arange(lj.shape[1], dtype=lj.dtype)[None, :] == top_f[:, None]
     top = top_f.astype(jnp.int32)
     others = jnp.exp(jnp.where(is_top, -jnp.inf, lj - lmax[:, None]))
     rest = jnp.sum(others, axis=1)
@@ -303,9 +300,7 @@ def _screened_update(carry, post, mask, row_ids, order):
         dropped=carry["dropped"].at[order].add(jnp.dot(kept, upper, precision=HIGHEST)),
         pending_ids=jax.lax.dynamic_update_slice(carry["pending_ids"], ids.astype(jnp.int32),
                                                  (at,)),
-        pending_rows=at + n_uncertain,
-        recomputed_rows=carry["recomputed_rows"] + n_uncertain), jnp.where(certified,
-                                                                          lj_top, 0.0)
+        pending_rows=at + n_uncertain), jnp.where(certified, lj_top, 0.0)
 
 
 def _pending_step(ids, n, i, block: int, x, mask):
@@ -324,8 +319,7 @@ def _second_look(terms: DiagTerms, screen, x, mask, carry, lse, block: int, tol:
     log-likelihood sum."""
     ids, n = carry["pending_ids"], carry["pending_rows"]
     again = dict(stats=carry["stats"], nk=carry["nk"], dropped=carry["dropped"],
-                 pending_ids=jnp.zeros_like(ids), pending_rows=jnp.zeros_like(n),
-                 recomputed_rows=jnp.zeros_like(n))
+                 pending_ids=jnp.zeros_like(ids), pending_rows=jnp.zeros_like(n))
 
     def step(i, state):
         c, lse, ll = state
@@ -339,7 +333,7 @@ def _second_look(terms: DiagTerms, screen, x, mask, carry, lse, block: int, tol:
                                        (again, lse, jnp.zeros((), x.dtype)))
     carry = dict(carry, stats=again["stats"], nk=again["nk"], dropped=again["dropped"],
                  pending_ids=again["pending_ids"], pending_rows=again["pending_rows"],
-                 second_looks=n, recomputed_rows=again["recomputed_rows"])
+                 second_looks=n, recomputed_rows=again["pending_rows"])
     return carry, lse, ll
 
 

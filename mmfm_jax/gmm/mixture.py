@@ -63,6 +63,13 @@ class DiagTerms:
         return cls(matrix, jnp.sum(mc * mc * precision, axis=1), bias, centre)
 
 
+def first_max_index(values: jax.Array, row_max: jax.Array) -> jax.Array:
+    """Per row, the index (as a float) of the first entry equal to the row's max: a max-
+    then-min pair, because XLA:CPU's variadic argmax reduce is ~10x slower than a max."""
+    iota = jnp.arange(values.shape[1], dtype=values.dtype)[None, :]
+    return jnp.min(jnp.where(values == row_max[:, None], iota, values.shape[1]), axis=1)
+
+
 def _joint_dtype(x: jax.Array, means: jax.Array):
     return jax.dtypes.canonicalize_dtype(jnp.result_type(x.dtype, means.dtype, jnp.float32))
 

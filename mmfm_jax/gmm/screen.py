@@ -40,7 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mmfm_jax.gmm.mixture import HIGHEST, DiagTerms
+from mmfm_jax.gmm.mixture import HIGHEST, DiagTerms, first_max_index
 
 EXACT_SHARE = 16  # 1 / 16 of the modes (the largest error coefficients) run in float32
 
@@ -82,13 +82,6 @@ def build(terms: DiagTerms) -> ScreenTerms:
         coef_df=jnp.where(is_exact, 0.0, coef_df[order]))
 
 
-def _first_min_index(values, target):
-    """Index of the first entry equal to its row's `target` (a float min: XLA:CPU's argmax
-    reduce is ~10x slower than a max)."""
-    iota = jnp.arange(values.shape[1], dtype=values.dtype)[None, :]
-    return jnp.min(jnp.where(values == target[:, None], iota, values.shape[1]), axis=1)
-
-
 def _exact_log_joint(screen: ScreenTerms, feats, column):
     """Log-joint of each row under one screen column per row, by a float32 dot."""
     rows = jnp.take(screen.rows, column, axis=0, mode="clip")
@@ -105,8 +98,7 @@ def second_look(terms: DiagTerms, screen: ScreenTerms, x, tol: float):
     mass in its column."""
     feats, top, upper, _, lj_top = screened_posterior(terms, screen, x, tol)
     k = upper.shape[1]
-    peak = jnp.max(upper, axis=1)
-    second = _first_min_index(upper, peak).astype(jnp.int32)
+    second = first_max_index(upper, jnp.max(upper, axis=1)).astype(jnp.int32)
     exact = jnp.exp(jnp.minimum(_exact_log_joint(screen, feats, second) - lj_top, 0.0))
     is_second = jnp.arange(k)[None, :] == second[:, None]
     upper = jnp.where(is_second, exact[:, None], upper)
@@ -128,7 +120,7 @@ def screened_posterior(terms: DiagTerms, screen: ScreenTerms, x, tol: float):
         jnp.dot(feats, screen.exact, precision=HIGHEST)], axis=1) + screen.offset
     half = 0.5 * jnp.maximum(quad, 0.0)
     lj = screen.bias - half
-    top_f = _first_min_index(lj, jnp.max(lj, axis=1))
+    top_f = first_max_index(lj, jnp.max(lj, axis=1))
     top = top_f.astype(jnp.int32)
     lj_top = _exact_log_joint(screen, feats, top)
     iota = jnp.arange(lj.shape[1], dtype=lj.dtype)[None, :]

@@ -50,7 +50,7 @@ def fit_from_batches(batches_fn: Callable[[], Iterable[tuple[np.ndarray, np.ndar
                f"collected in {time.perf_counter() - t0:.1f} s; EM with K={g.num_components}")
         result = fit_diag_gmm(cls_tokens, g.num_components, max_iter=g.max_iter, tol=g.tol,
                               reg_covar=g.reg_covar, init=g.init, seed=g.seed, mesh=mesh,
-                              chunk_size=g.chunk_size, screen=g.get("screen"),
+                              chunk_size=g.chunk_size, screen=g.screen,
                               log_fn=iteration_log_fn or log_fn)
         cls_mixture = result.mixture
         io.save_cls(out_dir, cls_mixture, {
